@@ -1,0 +1,90 @@
+"""Building blocks shared by the autoencoder and the U-Net: norm, resnet block, resampling."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    # eps 1e-6 (not torch's 1e-5) is what every public VAE was trained with.
+    return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t (B,) -> (B, dim): [sin | cos], DDPM frequencies."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1)))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResnetBlock(nn.Module):
+    """norm-swish-conv twice, optional timestep projection, 1x1 (or 3x3) shortcut when width changes."""
+
+    def __init__(self, *, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
+                 dropout: float = 0.0, temb_channels: int = 0):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            if conv_shortcut:
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            else:
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == self.out_channels:
+            return x
+        return self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else self.nin_shortcut(x)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        if temb is not None:
+            h = h + self.temb_proj(swish(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv after padding right/bottom by one (the original asymmetric pad), or avg-pool."""
+
+    def __init__(self, in_channels: int, with_conv: bool = True):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_conv:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return F.avg_pool2d(x, 2, 2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then an optional 3x3 conv."""
+
+    def __init__(self, in_channels: int, with_conv: bool = True):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x

@@ -1,0 +1,251 @@
+"""Train latentctl's small default autoencoder (factor 8, 4 latent channels, mid attention).
+
+    python scripts/train_default.py train --out runs/default --minutes 30      # CPU or CUDA, resumes from --out
+    python scripts/train_default.py export --out runs/default                  # -> latentctl/weights/default.safetensors
+
+Deterministic given --seed on one device (data order, crops, augmentation and init all come from seeded
+generators; on CUDA cuDNN runs in deterministic mode). Data: scikit-image's bundled photos with colour
+augmentation, plus synthetic "dead leaves" images (random overlapping coloured shapes), which cover colours
+and edge statistics that a handful of photos do not. scikit-learn's and matplotlib's sample photos are
+held out for evaluation and never read here.
+Loss: L1 + MSE on pixels, MSE between 8x average-pooled input and reconstruction (the low frequencies a
+bicubic thumbnail keeps, which the latent must keep too), and a small KL term; the latent is the posterior
+mean for the first --warmup-det steps, then a sample.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from latentctl.modules import AEConfig, AutoencoderKL
+
+# Widths 32,32,64,128 and one res block per level: the widest layers run at low resolution, so
+# encode + decode of 512x512 stays near 1 s on a 2-core CPU; 2.8 M parameters, 5.6 MB in fp16.
+ARCH = dict(ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=1, z_channels=4, embed_dim=4, mid_attn="vanilla")
+# scikit-image's bundled images (no download needed). Mostly colour; a few grey ones for texture.
+PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
+          "motorcycle_left", "motorcycle_right", "brick", "camera", "grass", "gravel", "moon"]
+
+
+def load_photos() -> list[torch.Tensor]:
+    """Training photos as float tensors (3, H, W) in [0, 1]."""
+    from skimage import data
+
+    out = []
+    for name in PHOTOS:
+        if name.startswith("motorcycle"):
+            left, right, _ = data.stereo_motorcycle()
+            img = left if name.endswith("left") else right
+        else:
+            img = getattr(data, name)()
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        img = img[..., :3]
+        t = torch.from_numpy(img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else img.max()))
+        out.append(t.permute(2, 0, 1).contiguous())
+    return out
+
+
+def dead_leaves(n: int, size: int, g: torch.Generator, device) -> torch.Tensor:
+    """n synthetic images (n, 3, size, size): 64 random discs/squares with random colours and gradients."""
+    k = 64
+    yy, xx = torch.meshgrid(torch.arange(size, device=device), torch.arange(size, device=device), indexing="ij")
+    r = lambda *s: torch.rand(*s, generator=g, device=g.device).to(device)  # noqa: E731
+    cx, cy = r(n, k, 1, 1) * size, r(n, k, 1, 1) * size
+    rad = (size * (0.02 + 0.3 * r(n, k, 1, 1) ** 3))
+    square = r(n, k, 1, 1) < 0.3
+    dx, dy = (xx - cx), (yy - cy)
+    inside = torch.where(square, torch.maximum(dx.abs(), dy.abs()) < rad, dx**2 + dy**2 < rad**2)
+    order = torch.arange(1, k + 1, device=device).view(1, k, 1, 1)
+    top = (inside * order).argmax(dim=1)  # (n, H, W): index of the shape painted last at each pixel
+    colour = r(n, k, 3)
+    grad = (r(n, k, 6) - 0.5) * 0.6 / size  # per-shape colour gradient along x and y
+    pick = lambda t: torch.gather(t, 1, top.view(n, -1, 1).expand(-1, -1, t.shape[2]))  # noqa: E731
+    c, gr = pick(colour), pick(grad)  # (n, H*W, 3), (n, H*W, 6)
+    px, py = (xx - size / 2).reshape(1, -1, 1), (yy - size / 2).reshape(1, -1, 1)
+    img = (c + gr[..., :3] * px + gr[..., 3:] * py).permute(0, 2, 1).reshape(n, 3, size, size)
+    img = img + 0.03 * torch.randn(n, 3, size, size, generator=g, device=g.device).to(device) * r(n, 1, 1, 1)
+    return img.clamp(0, 1)
+
+
+def colour_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Hue rotation about the grey axis, saturation and brightness jitter, random channel order."""
+    n = x.shape[0]
+    dev = x.device
+    r = lambda *s: torch.rand(*s, generator=g, device=g.device).to(dev)  # noqa: E731
+    theta = r(n) * 2 * math.pi
+    a = torch.ones(3, device=dev) / math.sqrt(3)
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    K = torch.tensor([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]], device=dev)
+    R = cos * torch.eye(3, device=dev) + sin * K + (1 - cos) * torch.outer(a, a)  # Rodrigues
+    y = torch.einsum("nij,njhw->nihw", R, x)
+    grey = y.mean(dim=1, keepdim=True)
+    y = grey + (y - grey) * (0.6 + 0.9 * r(n, 1, 1, 1))
+    y = y * (0.75 + 0.5 * r(n, 1, 1, 1))
+    perm = torch.stack([torch.randperm(3, generator=g, device=g.device) for _ in range(n)]).to(dev)
+    y = torch.gather(y, 1, perm[:, :, None, None].expand_as(y))
+    return y.clamp(0, 1)
+
+
+def photo_crops(photos, n: int, size: int, g: torch.Generator, device) -> torch.Tensor:
+    out = []
+    for _ in range(n):
+        p = photos[int(torch.randint(len(photos), (1,), generator=g, device=g.device))]
+        scale = 0.5 + float(torch.rand(1, generator=g, device=g.device))  # random zoom 0.5x-1.5x
+        h, w = p.shape[1:]
+        s = min(int(size / scale), h, w)
+        y0 = int(torch.randint(h - s + 1, (1,), generator=g, device=g.device))
+        x0 = int(torch.randint(w - s + 1, (1,), generator=g, device=g.device))
+        crop = p[:, y0:y0 + s, x0:x0 + s][None].to(device)
+        crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        if torch.rand(1, generator=g, device=g.device) < 0.5:
+            crop = crop.flip(-1)
+        out.append(crop)
+    return colour_augment(torch.cat(out).clamp(0, 1), g)
+
+
+def batch(photos, n, size, g, device):
+    k = n // 2
+    return torch.cat([photo_crops(photos, k, size, g, device), dead_leaves(n - k, size, g, device)]) * 2 - 1
+
+
+def psnr(a, b):
+    return (10 * torch.log10(4.0 / F.mse_loss(a.float(), b.float()))).item()
+
+
+def train(args):
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = AutoencoderKL(AEConfig(**ARCH)).to(device)
+    ema = AutoencoderKL(AEConfig(**ARCH)).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    step, log = 0, []
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        step, log = state["step"], json.loads(state["log"])
+        print(f"resumed at step {step}")
+    photos = [p.to(device) for p in load_photos()]
+    t_end = time.time() + args.minutes * 60
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    t0, last_save = time.time(), time.time()
+    total = args.steps
+    if ckpt.exists():
+        total = state.get("total", total) if isinstance(state, dict) else total
+    while (total == 0 or step < total) and time.time() < t_end:
+        if total == 0 and step == 100:  # --steps 0: fit the cosine schedule to --minutes from the measured rate
+            rate = step / (time.time() - t0)
+            total = int(step + rate * (t_end - time.time()))
+            print(f"schedule fixed at {total} steps ({rate:.2f} steps/s); rerun with --steps {total} to reproduce")
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0) if total else 0.0)) * 0.95 + 0.05)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = batch(photos, args.batch, args.size, g, device)
+        with torch.autocast(**amp):
+            post = model.encode(x)
+            noise = torch.randn(post.mean.shape, generator=g).to(device)
+            z = post.mean if step < args.warmup_det else post.mean + post.std * noise
+            rec = model.decode(z).float()
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        low = F.mse_loss(F.avg_pool2d(rec, 8), F.avg_pool2d(x, 8))
+        kl = post.kl().float().mean() / x[0].numel()
+        loss = l1 + mse + args.low_weight * low + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(args.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        step += 1
+        if step % 50 == 0:
+            rec_psnr = psnr(rec.detach().clamp(-1, 1), x)
+            log.append({"step": step, "loss": round(loss.item(), 5), "psnr": round(rec_psnr, 2),
+                        "kl": round(kl.item(), 4), "lr": lr, "sec": round(time.time() - t0, 1)})
+            print(json.dumps(log[-1]), flush=True)
+        if time.time() - last_save > args.save_every:
+            save(ckpt, model, ema, opt, g, step, log, total)
+            last_save = time.time()
+    save(ckpt, model, ema, opt, g, step, log, total)
+    print(f"stopped at step {step} after {time.time() - t0:.0f}s")
+
+
+def save(path, model, ema, opt, g, step, log, total):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "gen": g.get_state(), "step": step, "total": total, "log": json.dumps(log)}, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint
+
+
+@torch.no_grad()
+def export(args):
+    """EMA weights -> fp16 safetensors; scale/shift from the training photos so scaled latents have unit variance."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    state = torch.load(Path(args.out) / "ckpt.pt", map_location="cpu", weights_only=True)
+    model = AutoencoderKL(AEConfig(**ARCH)).eval()
+    model.load_state_dict(state["ema"])
+    zs = []
+    for p in load_photos():
+        h, w = (s // 8 * 8 for s in p.shape[1:])
+        zs.append(model.encode(p[None, :, :h, :w] * 2 - 1).mean.flatten())
+    z = torch.cat(zs)
+    shift, scale = z.mean().item(), 1.0 / z.std().item()
+    dest = Path(args.dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(dest), metadata={"step": str(state["step"]), "scaling_factor": f"{scale:.5f}",
+                                       "shift_factor": f"{shift:.5f}"})
+    sha = hashlib.sha256(dest.read_bytes()).hexdigest()
+    print(json.dumps({"weights": str(dest), "sha256": sha, "scaling_factor": round(scale, 5),
+                      "shift_factor": round(shift, 5), "step": state["step"], "bytes": dest.stat().st_size}))
+    (Path(args.out) / "loss_log.json").write_text(state["log"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cmd", choices=["train", "export"])
+    ap.add_argument("--out", default="runs/default")
+    ap.add_argument("--dest", default="latentctl/weights/default.safetensors")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20000, help="length of the cosine schedule; 0 fits it to --minutes")
+    ap.add_argument("--minutes", type=float, default=1e9, help="stop (and save) after this long; resume later")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument("--low-weight", type=float, default=2.0)
+    ap.add_argument("--warmup-det", type=int, default=500)
+    ap.add_argument("--save-every", type=float, default=120, help="seconds between checkpoints")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", torch.get_num_threads())))
+    train(args) if args.cmd == "train" else export(args)
+
+
+if __name__ == "__main__":
+    main()
