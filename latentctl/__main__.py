@@ -1,0 +1,3 @@
+from latentctl.cli.app import main
+
+main()

@@ -1,0 +1,52 @@
+"""The Typer app and main(): known errors become one line on stderr and an exit code, never a traceback.
+
+Exit codes: 0 ok; 1 some inputs failed (the run went on); 2 usage, model or weights error; 130 interrupted.
+"""
+
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import LatentctlError
+from . import output
+from .models_cmd import info, models_app
+
+app = typer.Typer(name="latentctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Images to VAE latents and back, fast and exactly. "
+                       "encode | decode | roundtrip | bench | models | info")
+app.add_typer(models_app, name="models")
+app.command("info")(info)
+
+
+def _version(value: bool):
+    if value:
+        print(f"latentctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="latentctl", standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        code = 130
+    except typer.TyperException as e:  # bad flags, missing arguments (Typer's usage errors)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        output.error((message.splitlines() or [""])[0] + "  (see --help)")
+        code = getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        code = 130
+    except LatentctlError as e:
+        output.error(str(e))
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,51 @@
+"""The only module that imports rich: results to stdout, diagnostics and progress to stderr."""
+
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """One line `error: ...` on stderr (the format scripts grep for)."""
+    err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True) if err.is_terminal else \
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def warning(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True) if err.is_terminal else \
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def json_line(obj: dict) -> None:
+    """One JSON object per line on stdout, flushed, for pipelines."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str, columns: list[str], rows: list[list], to_stdout: bool = True) -> None:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    (Console(highlight=False) if to_stdout else err).print(t)
+
+
+def progress(total: int, description: str, quiet: bool = False) -> Progress | None:
+    """A progress bar on stderr, only when stderr is a terminal; never touches stdout (redirect off)."""
+    if quiet or not err.is_terminal:
+        return None
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 console=err, redirect_stdout=False, redirect_stderr=False, transient=False)
+    p.add_task(description, total=total)
+    return p
