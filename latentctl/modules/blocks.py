@@ -19,9 +19,10 @@ def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of timesteps t (B,) -> (B, dim): [sin | cos], DDPM frequencies."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1)))
-    args = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    # float64: at t ~ 1000 the float32 rounding of t * freq alone shifts the phase by ~1e-4
+    freqs = torch.exp(torch.arange(half, dtype=torch.float64, device=t.device) * -(math.log(10000) / (half - 1)))
+    args = t.double()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1).float()
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb

@@ -1,0 +1,83 @@
+"""Quality of the shipped default model on photos it never saw, against the bicubic 8x reference.
+
+    python benchmarks/default_quality.py [--weights PATH] [--out docs/quality]
+
+Held-out photos: scikit-learn's china.jpg and flower.jpg, matplotlib's grace_hopper.jpg (needs
+scikit-learn and matplotlib installed; they are used for evaluation only, never for training).
+Reference: bicubic downscale by 8 then upscale (3 numbers per 8x8 block; the latent keeps 4).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import latentctl
+
+
+def held_out() -> dict[str, np.ndarray]:
+    from matplotlib import cbook
+    from sklearn.datasets import load_sample_image
+
+    return {"china": load_sample_image("china.jpg"), "flower": load_sample_image("flower.jpg"),
+            "grace_hopper": np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / mse))
+
+
+def bicubic(img: np.ndarray, factor: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    small = Image.fromarray(img).resize((w // factor, h // factor), Image.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.BICUBIC))
+
+
+@torch.no_grad()
+def reconstruct(vae, img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    f = vae.config.factor
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ph, pw = (-h) % f, (-w) % f
+    x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
+    y = vae.decode(vae.encode(x).mean)[:, :, :h, :w]
+    return ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--out", default=None, help="folder for side-by-side pictures (original | reconstruction | error)")
+    args = ap.parse_args()
+    vae, info = latentctl.load("default", weights=args.weights)
+    rows = []
+    for name, img in held_out().items():
+        t = time.time()
+        rec = reconstruct(vae, img)
+        row = {"image": name, "size": f"{img.shape[1]}x{img.shape[0]}", "psnr": round(psnr(img, rec), 2),
+               "bicubic8": round(psnr(img, bicubic(img, 8)), 2), "bicubic4": round(psnr(img, bicubic(img, 4)), 2),
+               "seconds": round(time.time() - t, 2)}
+        row["margin"] = round(row["psnr"] - row["bicubic8"], 2)
+        rows.append(row)
+        print(json.dumps(row))
+        if args.out:
+            err = np.abs(img.astype(np.int16) - rec.astype(np.int16)).mean(axis=2)
+            heat = np.clip(err * 4, 0, 255).astype(np.uint8)
+            heat = np.stack([heat, heat // 3, 255 - heat], axis=2)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.concatenate([img, rec, heat], axis=1)).save(Path(args.out) / f"{name}.jpg", quality=90)
+    mean_margin = sum(r["margin"] for r in rows) / len(rows)
+    ok = all(r["margin"] > 0 for r in rows) and mean_margin >= 1.5
+    print(f"mean margin over bicubic 8x: {mean_margin:+.2f} dB (required: every photo > 0, mean >= +1.5): "
+          f"{'PASS' if ok else 'FAIL'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
