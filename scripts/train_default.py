@@ -90,6 +90,8 @@ def colour_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     grey = y.mean(dim=1, keepdim=True)
     y = grey + (y - grey) * (0.6 + 0.9 * r(n, 1, 1, 1))
     y = y * (0.75 + 0.5 * r(n, 1, 1, 1))
+    # random gamma (0.5..2): many dark and many bright scenes, which a few photos lack (dark areas came out lifted)
+    y = y.clamp(0, 1) ** torch.exp((r(n, 1, 1, 1) * 2 - 1) * math.log(2))
     perm = torch.stack([torch.randperm(3, generator=g, device=g.device) for _ in range(n)]).to(dev)
     y = torch.gather(y, 1, perm[:, :, None, None].expand_as(y))
     return y.clamp(0, 1)
@@ -147,15 +149,18 @@ def train(args):
     t_end = time.time() + args.minutes * 60
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
     t0, last_save = time.time(), time.time()
-    total = args.steps
+    total, start = args.steps, 0
     if ckpt.exists():
-        total = state.get("total", total) if isinstance(state, dict) else total
+        total, start = state.get("total", total), state.get("start", 0)
+        if args.restart:  # a new cosine cycle from here (warm restart), e.g. to continue after a finished run
+            total, start = args.steps and step + args.steps, step
     while (total == 0 or step < total) and time.time() < t_end:
-        if total == 0 and step == 100:  # --steps 0: fit the cosine schedule to --minutes from the measured rate
-            rate = step / (time.time() - t0)
+        if total == 0 and step == start + 100:  # --steps 0: fit the cosine schedule to --minutes from the measured rate
+            rate = (step - start) / (time.time() - t0)
             total = int(step + rate * (t_end - time.time()))
             print(f"schedule fixed at {total} steps ({rate:.2f} steps/s); rerun with --steps {total} to reproduce")
-        lr = args.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0) if total else 0.0)) * 0.95 + 0.05)
+        progress = min((step - start) / max(total - start, 1), 1.0) if total else 0.0
+        lr = args.lr * min(1.0, (step - start + 1) / 200) * (0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05)
         for group in opt.param_groups:
             group["lr"] = lr
         x = batch(photos, args.batch, args.size, g, device)
@@ -184,16 +189,16 @@ def train(args):
                         "kl": round(kl.item(), 4), "lr": lr, "sec": round(time.time() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
         if time.time() - last_save > args.save_every:
-            save(ckpt, model, ema, opt, g, step, log, total)
+            save(ckpt, model, ema, opt, g, step, log, total, start)
             last_save = time.time()
-    save(ckpt, model, ema, opt, g, step, log, total)
+    save(ckpt, model, ema, opt, g, step, log, total, start)
     print(f"stopped at step {step} after {time.time() - t0:.0f}s")
 
 
-def save(path, model, ema, opt, g, step, log, total):
+def save(path, model, ema, opt, g, step, log, total, start=0):
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "gen": g.get_state(), "step": step, "total": total, "log": json.dumps(log)}, tmp)
+                "gen": g.get_state(), "step": step, "total": total, "start": start, "log": json.dumps(log)}, tmp)
     os.replace(tmp, path)  # never a half-written checkpoint
 
 
@@ -241,6 +246,7 @@ def main():
     ap.add_argument("--low-weight", type=float, default=2.0)
     ap.add_argument("--warmup-det", type=int, default=500)
     ap.add_argument("--save-every", type=float, default=120, help="seconds between checkpoints")
+    ap.add_argument("--restart", action="store_true", help="on resume, start a new cosine cycle of --steps steps")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", torch.get_num_threads())))
