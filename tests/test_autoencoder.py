@@ -143,3 +143,20 @@ def test_latent_normalisation_round_trips():
     z = torch.randn(1, 4, 8, 8)
     assert torch.allclose(vae.normalize(z), (z - 0.1159) * 0.3611)
     assert torch.allclose(vae.denormalize(vae.normalize(z)), z, atol=1e-6)
+
+
+def test_subpixel_upsample_equals_nearest_then_conv():
+    """Inference runs Upsample as four 2x2 phase convolutions; it must equal nearest x2 + 3x3 conv."""
+    import torch.nn.functional as F
+
+    from latentctl.modules import Upsample
+
+    up = Upsample(32)
+    x = torch.randn(2, 32, 7, 11)
+    with torch.no_grad():
+        want = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = up(inp)
+            assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    x.requires_grad_(True)
+    assert torch.equal(up(x), up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))  # training path unchanged

@@ -4,8 +4,13 @@ Two weight layouts exist in the wild:
 - `AttnBlock` (`norm`, `q`, `k`, `v`, `proj_out`, all 1x1 convs): every public VAE. Its softmax attention
   runs through one of BACKENDS: `sdpa`, `xformers`, or `linear` (an O(N) approximation, see below).
 - `LinAttnBlock` (`to_qkv`, `to_out`): the original linear-attention layout; it always runs as trained.
+
+Every backend takes q, k, v as (B, N, C) with the channel dimension contiguous and never builds the
+N x N matrix: torch's CPU flash kernel needs stride 1 on the last dimension and otherwise falls back to
+the math path, which materialises N x N (16 GiB in fp32 for the mid block of a 2048 x 2048 decode).
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -24,7 +29,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     import xformers.ops  # optional extra; availability is checked by check_backend() before any work
 
-    # xformers wants (B, N, heads, D).
+    # xformers wants (B, N, heads, D); same scale C**-0.5 as sdpa.
     return xformers.ops.memory_efficient_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
 
 
@@ -33,8 +38,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
     softmax is unchanged by subtracting a per-query constant from the logits, so the keys are centred
     (k - mean k): then exp(s) ~ 1 + s gives weights (1 + s_ij) / N exactly (the centred logits sum to 0),
-    and out_i = mean(v) + q_i . (K_c^T V) / (N sqrt(C)). It is exact when the logits are small and an
-    approximation otherwise; the normaliser is exactly N, so it never divides by something near zero.
+    and out_i = mean(v) + q_i . (K_c^T V) / (N sqrt(C)). The error per weight is O(s_ij^2): exact in the
+    limit of small logits, an approximation otherwise (trained VAEs have large logits: roundtrip shows the
+    cost). The normaliser is exactly N, so it never divides by something near zero.
     """
     n, c = k.shape[1], k.shape[2]
     kc = (k - k.mean(dim=1, keepdim=True)).float()
@@ -46,17 +52,39 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 BACKENDS = {"sdpa": sdpa_attention, "xformers": xformers_attention, "linear": linear_attention}
 
 
+@functools.lru_cache(maxsize=None)
+def _xformers_problem(device: str) -> str | None:
+    """Why xformers cannot run on `device` (None if it can), found by one tiny call the way AttnBlock makes it."""
+    missing = importlib.util.find_spec("xformers") is None
+    no_cuda = torch.device(device).type != "cuda"
+    if missing and no_cuda:
+        return (f"xformers is not installed, and it needs a CUDA device (this run uses {device}); "
+                "use --attn sdpa")
+    if missing:
+        return "xformers is not installed: pip install 'latentctl[xformers]' (CUDA only), or use --attn sdpa"
+    if no_cuda:
+        return f"xformers has no CPU kernels and this run uses {device}: use --attn sdpa, or --device cuda"
+    try:  # an install built for another torch or CUDA imports fine and fails at the first call
+        x = torch.zeros(1, 8, 512, device=device, dtype=torch.float16)  # head width of a VAE's attention
+        xformers_attention(x, x, x)
+    except Exception as e:  # noqa: BLE001 -- any failure means "cannot run here", reported with its reason
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return f"xformers is installed but cannot run on {device} ({first}); use --attn sdpa"
+    return None
+
+
 def check_backend(name: str, device: torch.device | str = "cpu") -> None:
     """Raise BackendUnavailable with the reason and the fix when `name` cannot run on `device`."""
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "xformers":
-        if importlib.util.find_spec("xformers") is None:
-            raise BackendUnavailable("--attn xformers: xformers is not installed "
-                                     "(pip install 'latentctl[xformers]', CUDA only); use --attn sdpa")
-        if torch.device(device).type != "cuda":
-            raise BackendUnavailable(f"--attn xformers: needs a CUDA device, this run uses {device} "
-                                     "(xformers has no CPU kernels); use --attn sdpa")
+        problem = _xformers_problem(str(torch.device(device)))
+        if problem:
+            raise BackendUnavailable(f"--attn xformers: {problem}")
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C), a view
 
 
 class AttnBlock(nn.Module):
@@ -77,12 +105,25 @@ class AttnBlock(nn.Module):
         self.backend = backend
         self.attend = BACKENDS[backend]
 
+    def _project(self, conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+        # A 1x1 conv is a linear map over channels; applied to tokens it yields (B, N, C) with the channel
+        # dimension contiguous, which keeps sdpa on its O(N)-memory kernel (see the module docstring).
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, HW, C)
-        out = self.attend(q, k, v).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        y = _to_tokens(self.norm(x))
+        q, k, v = (self._project(p, y) for p in (self.q, self.k, self.v))  # each (B, HW, C)
+        out = self._project(self.proj_out, self.attend(q, k, v))  # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)  # the sum takes x's memory format
+
+    def flops(self, batch: int, tokens: int) -> int:
+        """Multiply-adds x 2 for `batch` images of `tokens` positions: 4 projections plus the attention itself."""
+        c = self.q.out_channels
+        proj = 4 * 2 * tokens * c * c
+        # softmax: q k^T and weights @ v, each N x N x C; linear: K_c^T V and q @ context, each N x C x C.
+        core = 2 * 2 * tokens * (c * c if self.backend == "linear" else tokens * c)
+        return batch * (proj + core)
 
 
 class LinAttnBlock(nn.Module):
@@ -103,6 +144,11 @@ class LinAttnBlock(nn.Module):
         context = k @ v.transpose(1, 2)  # (B, C, C): sum over positions of k_d * v_e
         out = (context.transpose(1, 2) @ q).reshape(b, c, h, w)
         return self.to_out(out)
+
+    def flops(self, batch: int, tokens: int) -> int:
+        """Multiply-adds x 2: to_qkv (3 C^2 per position), to_out (C^2), and two N x C x C products."""
+        c = self.to_out.out_channels
+        return batch * 2 * tokens * c * c * (3 + 1 + 2)
 
 
 class NoAttn(nn.Identity):

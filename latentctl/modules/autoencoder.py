@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attention import make_attn
-from .blocks import Downsample, Normalize, ResnetBlock, Upsample, swish
+from .blocks import Downsample, Normalize, ResnetBlock, Upsample, norm_swish
 
 
 class Encoder(nn.Module):
@@ -57,7 +57,7 @@ class Encoder(nn.Module):
             if i != self.num_levels - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -120,7 +120,7 @@ class Decoder(nn.Module):
                 h = level.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(swish(self.norm_out(h)))
+        h = self.conv_out(norm_swish(self.norm_out, h))
         return torch.tanh(h) if self.tanh_out else h
 
 

@@ -16,6 +16,11 @@ def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
 
 
+def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """swish(norm(x)); in inference the swish runs in place on the fresh norm output (one buffer less)."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of timesteps t (B,) -> (B, dim): [sin | cos], DDPM frequencies."""
     half = dim // 2
@@ -55,11 +60,11 @@ class ResnetBlock(nn.Module):
         return self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else self.nin_shortcut(x)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv1(norm_swish(self.norm1, x))
         if temb is not None:
             h = h + self.temb_proj(swish(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
-        return self.shortcut(x) + h
+        h = self.conv2(self.dropout(norm_swish(self.norm2, h)))
+        return h.add_(self.shortcut(x)) if not torch.is_grad_enabled() else self.shortcut(x) + h
 
 
 class Downsample(nn.Module):
@@ -87,5 +92,40 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.with_conv else x
+        if not self.with_conv:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if torch.is_grad_enabled():
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.subpixel_forward(x)
+
+    def subpixel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same result without building the upsampled input: 2.25x fewer multiply-adds.
+
+        After a nearest x2 upsample, each output pixel's 3x3 window covers only 2x2 input pixels, so each of
+        the four output phases (row parity py, column parity px) is a 2x2 conv of the input with the 3x3
+        taps summed onto those 2x2 pixels. One 2x2 conv with 4C outputs computes all phases on the input
+        padded by one; phase (py, px) is its output shifted by (py, px).
+        """
+        b, c, h, w = x.shape
+        weight = self._phase_weight(x.dtype)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, self.conv.bias.repeat(4).to(x.dtype))  # (B, 4C, H+1, W+1)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        out = torch.empty(b, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for p, (py, px) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            out[:, :, py::2, px::2] = y[:, p * c:(p + 1) * c, py:py + h, px:px + w]
+        return out
+
+    def _phase_weight(self, dtype) -> torch.Tensor:
+        w = self.conv.weight
+        key = (w.data_ptr(), w._version, dtype)
+        if getattr(self, "_phase_cache", (None,))[0] != key:
+            # rows: output parity 0 reads input rows (a-1, a) with taps (0, 1+2); parity 1 reads (a, a+1) with (0+1, 2)
+            fold = [[[0], [1, 2]], [[0, 1], [2]]]
+            phases = []
+            for py in (0, 1):
+                rows = torch.stack([w[:, :, r].sum(2) for r in fold[py]], dim=2)  # (C, C, 2, 3)
+                for px in (0, 1):
+                    phases.append(torch.stack([rows[..., k].sum(-1) for k in fold[px]], dim=3))  # (C, C, 2, 2)
+            self._phase_cache = (key, torch.cat(phases).to(dtype))
+        return self._phase_cache[1]

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from .attention import make_attn
-from .blocks import Downsample, Normalize, ResnetBlock, Upsample, swish, timestep_embedding
+from .blocks import Downsample, Normalize, ResnetBlock, Upsample, norm_swish, swish, timestep_embedding
 
 
 class Model(nn.Module):
@@ -90,4 +90,4 @@ class Model(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
