@@ -142,7 +142,7 @@ def train(args):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        g.set_state(state["gen"])
+        g.set_state(state["gen"].cpu())  # map_location moved it to the training device
         step, log = state["step"], json.loads(state["log"])
         print(f"resumed at step {step}")
     photos = [p.to(device) for p in load_photos()]
