@@ -17,5 +17,33 @@ Download = typer.Option(False, "--download", help="Download the model's weights 
 Json = typer.Option(False, "--json", help="One JSON object per line on stdout.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr (errors still shown).")
 
-__all__ = ["Attn", "Device", "Download", "Dtype", "Json", "Model", "ModelsFile", "Optional", "Path", "Quiet",
-           "Weights"]
+# encode / decode / roundtrip
+BatchSize = typer.Option(4, "--batch-size", "-b", help="Images per model call (images of equal size are batched).")
+Workers = typer.Option(None, "--workers", help="Threads that read/prepare inputs, and as many that write outputs "
+                                               "(default: the number of CPUs, at most 8).")
+Store = typer.Option("mean", "--store", help="What `latent` holds: mean (the posterior mean, default) | sample (a "
+                                             "draw, reproducible with --seed) | posterior (also raw `mean` and "
+                                             "`logvar`, to draw a fresh sample every epoch).")
+Seed = typer.Option(None, "--seed", help="Seed for --store sample (per image: from the seed and the image's path). "
+                                         "Without it one is drawn and recorded in each file.")
+LatentDtype = typer.Option("fp16", "--latent-dtype", help="Storage precision of latent files: fp16 (default) | bf16 | "
+                           "fp32. fp16 halves the size of fp32 and keeps 3 more mantissa bits than bf16; model-ready "
+                           "latents are near unit scale, far below fp16's limit (65504), and a latent that would "
+                           "overflow is refused, never written as inf.")
+Resize = typer.Option(None, "--resize", help="Scale the short side to this many pixels first (antialiased bicubic).")
+CenterCrop = typer.Option(None, "--center-crop", help="Keep the central WxH pixels (after --resize), e.g. 512x512.")
+AlphaBackground = typer.Option("white", "--alpha-background", help="Colour transparent pixels are composited on: "
+                                                                   "white | black | gray | #rrggbb.")
+MaxPixels = typer.Option(100_000_000, "--max-pixels", help="Refuse images with more pixels than this (read from the "
+                                                           "header, before decoding).")
+Overwrite = typer.Option(False, "--overwrite", help="Redo outputs that already exist (default: skip complete ones).")
+FailFast = typer.Option(False, "--fail-fast", help="Stop at the first input that fails (default: report it, go on).")
+Tile = typer.Option("auto", "--tile", help="Tiled encode/decode for large images: auto | on | off.")
+TileSize = typer.Option(None, "--tile-size", help="Tile side in pixels for --tile (default: chosen from memory).")
+MaxMemory = typer.Option(None, "--max-memory", help="Memory budget for --tile auto, e.g. 8G or 512M.")
+ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
+Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
+
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "FailFast",
+           "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
+           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "Store", "Tile", "TileSize", "Weights", "Workers"]

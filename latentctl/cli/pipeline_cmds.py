@@ -1,0 +1,247 @@
+"""`latentctl encode`, `decode`, `roundtrip`: check the flags, build Options, call latentctl.pipeline, print.
+
+Results go to stdout (JSON lines with --json, the roundtrip table); `error: PATH: reason`, warnings, the
+progress bar (only on a terminal) and the summary line go to stderr.
+Exit: 0 all ok; 1 some inputs failed; 2 usage/model/weights error; 130 Ctrl-C (143 SIGTERM) after the writes
+in flight finished.
+"""
+
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import api
+from ..errors import UsageError
+from ..pipeline import images, run
+from ..pipeline.latents import read_metadata
+from . import options as opt
+from . import output
+
+Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
+                                  "one per line.")
+
+
+def _size_bytes(text: str | None) -> int | None:
+    """'8G', '512M', '1.5GiB', '1000000' -> bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"--max-memory {text!r}: expected a size such as 8G or 512M")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def _options(*, device, dtype, batch_size, workers, tile, tile_size, max_memory, fail_fast, **extra) -> run.Options:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
+    if tile not in run.TILE_MODES:
+        raise UsageError(f"--tile {tile!r}: choose {', '.join(run.TILE_MODES)}")
+    if tile_size is not None and tile_size < 8:
+        raise UsageError(f"--tile-size {tile_size}: must be at least 8 pixels")
+    return run.Options(dtype=api.resolve_dtype(dtype, api.resolve_device(device)), batch_size=batch_size,
+                       workers=workers or min(8, os.cpu_count() or 1), tile=tile, tile_size=tile_size,
+                       max_memory=_size_bytes(max_memory), fail_fast=fail_fast, **extra)
+
+
+def _image_options(*, store, seed, latent_dtype, resize, center_crop, alpha_background, max_pixels) -> dict:
+    if resize is not None and resize < 1:
+        raise UsageError(f"--resize {resize}: must be at least 1")
+    if max_pixels < 1:
+        raise UsageError(f"--max-pixels {max_pixels}: must be at least 1")
+    if seed is not None and store != "sample":
+        raise UsageError(f"--seed is for --store sample (this run stores {store})")
+    return dict(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
+                center_crop=images.parse_size(center_crop, "--center-crop") if center_crop else None,
+                alpha_background=images.parse_color(alpha_background), max_pixels=max_pixels)
+
+
+def _format(image_format: str, quality: int) -> dict:
+    if image_format not in images.FORMATS:
+        raise UsageError(f"--format {image_format!r}: choose {', '.join(images.FORMATS)}")
+    if not 1 <= quality <= 100:
+        raise UsageError(f"--quality {quality}: must be 1-100")
+    return dict(image_format=image_format, quality=quality)
+
+
+def _out_dir(out: Path | None) -> Path | None:
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: exists and is not a folder")
+    return out
+
+
+def _stdin(inputs: list[str]):
+    if "-" not in inputs:
+        return None
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
+    return sys.stdin
+
+
+def _load_model(model, weights, models, device, attn, download, **kw):
+    vae, info = api.load(model, weights=weights, device=device, attn=attn, models_file=models, download=download, **kw)
+    if vae.config.in_channels != 3 or vae.config.out_ch != 3:
+        raise UsageError(f"model {info.name!r} takes {vae.config.in_channels}-channel images; the pipeline needs RGB")
+    return vae, info
+
+
+def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool) -> None:
+    """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code."""
+    if not items:
+        raise UsageError("no input files found")
+    stop, caught = threading.Event(), []
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (outputs are still never partial)
+        caught.append(signum)
+        stop.set()
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    records, closed = [], []
+    bar = output.progress(len(items), verb, quiet)
+
+    def report(record: run.Record) -> None:
+        if record.status == "error":
+            output.error(f"{record.input}: {record.error}")
+        if json and not closed:
+            try:
+                output.json_line(record.to_dict())
+            except BrokenPipeError:  # `latentctl encode --json ... | head`: nobody reads on; stop like a pipe does
+                closed.append(True)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                stop.set()
+        if verb == "roundtrip":
+            records.append(record)
+        if bar is not None:
+            bar.advance(bar.task_ids[0])
+
+    try:
+        if bar is not None:
+            bar.start()
+        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop)
+    finally:
+        if bar is not None:
+            bar.stop()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if verb == "roundtrip" and not json:
+        _roundtrip_table(records)
+    seed = f", seed {summary.seed}" if summary.seed is not None else ""
+    output.info(f"{verb}: {summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed of {summary.total} "
+                f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s{seed})", quiet)
+    if closed:
+        raise typer.Exit(128 + signal.SIGPIPE)
+    if summary.interrupted or caught:
+        output.warning(f"interrupted after {summary.ok + summary.skipped + summary.failed} of {summary.total}; "
+                       "rerun the same command to do the rest")
+        raise typer.Exit(130 if not caught or caught[0] == signal.SIGINT else 128 + caught[0])
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+def _roundtrip_table(records: list[run.Record]) -> None:
+    ok = [r for r in records if r.status == "ok"]
+    rows = [[r.input, f"{r.psnr:.2f}", "-" if r.ssim is None else f"{r.ssim:.4f}", f"{r.seconds:.2f}"] for r in ok]
+    if ok:
+        finite = [r.psnr for r in ok if r.psnr != float("inf")]
+        ssims = [r.ssim for r in ok if r.ssim is not None]
+        rows.append(["mean", f"{sum(finite) / len(finite):.2f}" if finite else "inf",
+                     f"{sum(ssims) / len(ssims):.4f}" if ssims else "-", f"{sum(r.seconds for r in ok) / len(ok):.2f}"])
+    output.table("roundtrip", ["input", "psnr (dB)", "ssim", "seconds"], rows)
+
+
+def encode(inputs: list[str] = Inputs,
+           out: Path = typer.Option(..., "--output", "-o", help="Folder for the latent files (mirrors the inputs)."),
+           model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
+           models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+           attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
+           workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
+           latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
+           center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
+           max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
+           tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
+           json: bool = opt.Json, quiet: bool = opt.Quiet):
+    """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+    options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
+                       tile_size=tile_size, max_memory=max_memory, fail_fast=fail_fast, overwrite=overwrite,
+                       **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
+                                        center_crop=center_crop, alpha_background=alpha_background,
+                                        max_pixels=max_pixels))
+    run.check_options(options)
+    items = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
+    vae, info = _load_model(model, weights, models, device, attn, download)
+    _execute("encode", run.encode_files, vae, info, items, options, json, quiet)
+
+
+def decode(inputs: list[str] = Inputs,
+           out: Path = typer.Option(..., "--output", "-o", help="Folder for the images (mirrors the inputs)."),
+           model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the one recorded in "
+                                               "the files; another one decodes them anyway)."),
+           weights: Optional[Path] = opt.Weights, models: Optional[Path] = opt.ModelsFile,
+           device: str = opt.Device, dtype: str = opt.Dtype, attn: str = opt.Attn, download: bool = opt.Download,
+           key: str = typer.Option("latent", "--key", help="Tensor to decode (for files from other tools)."),
+           scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Scale the latents were "
+                                                          "multiplied by (default: from the file's metadata)."),
+           shift_factor: Optional[float] = typer.Option(None, "--shift-factor", help="Shift subtracted before scaling "
+                                                        "(default: from the metadata, else 0)."),
+           image_format: str = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
+           workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
+           tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
+           json: bool = opt.Json, quiet: bool = opt.Quiet):
+    """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
+    options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
+                       tile_size=tile_size, max_memory=max_memory, fail_fast=fail_fast, overwrite=overwrite,
+                       key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                       check_model=model is None and weights is None, **_format(image_format, quality))
+    items = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    if model is None and weights is None:
+        model, weights = _model_from_files(items, models)
+    vae, info = _load_model(model, weights, models, device, attn, download)
+    _execute("decode", run.decode_files, vae, info, items, options, json, quiet)
+
+
+def _model_from_files(items, models) -> tuple:
+    """The model the first readable latent file was written with (or 'default' for other tools' files)."""
+    for item in items:
+        if item.error is None:
+            try:
+                meta, _ = read_metadata(item.path)
+            except Exception:  # an unreadable file is that item's error later; try the next one
+                continue
+            return run.model_for_latents(meta, models)
+    return "default", None
+
+
+def roundtrip(inputs: list[str] = Inputs,
+              out: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write each reconstruction and "
+                                                 "NAME.compare.png: original | reconstruction | error heat-map "
+                                                 f"(white = mean abs error >= {images.HEAT_FULL_SCALE:g})."),
+              model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
+              models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+              attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
+              workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
+              latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
+              center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
+              max_pixels: int = opt.MaxPixels, image_format: str = opt.ImageFormat, quality: int = opt.Quality,
+              fail_fast: bool = opt.FailFast, tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize,
+              max_memory: Optional[str] = opt.MaxMemory, json: bool = opt.Json, quiet: bool = opt.Quiet):
+    """Encode then decode in memory: PSNR and SSIM per image and their mean (a table, or JSON lines)."""
+    options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
+                       tile_size=tile_size, max_memory=max_memory, fail_fast=fail_fast, overwrite=True,
+                       **_format(image_format, quality),
+                       **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
+                                        center_crop=center_crop, alpha_background=alpha_background,
+                                        max_pixels=max_pixels))
+    run.check_options(options)
+    items = run.plan_roundtrip(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    vae, info = _load_model(model, weights, models, device, attn, download)
+    _execute("roundtrip", run.roundtrip_files, vae, info, items, options, json, quiet)

@@ -1,0 +1,97 @@
+"""The latent file: a plain .safetensors any trainer can read, written atomically.
+
+Tensors: `latent` (C, h, w), the model-ready latent (z - shift) * scale, z being the posterior mean or a
+sample; with store=posterior also `mean` and `logvar` (raw, unscaled) so training can draw a new sample
+each epoch. Metadata (strings only, as safetensors requires): see METADATA_KEYS.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from ..errors import InputError
+from .inputs import temp_path
+
+FORMAT = "latentctl-latent/1"
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+METADATA_KEYS = (
+    "format", "model", "weights_sha256", "scaling_factor", "shift_factor", "scaled", "store", "seed",
+    "latent_dtype", "source", "source_sha256", "width", "height", "color_mode", "exif_transposed",
+    "alpha_background", "resize", "center_crop", "resized", "crop_box", "valid_box", "padded", "factor",
+    "latentctl_version",
+)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader, and no crash at any moment, ever sees a partial file:
+    a temporary file in the same folder (same filesystem, so the rename is atomic), fsync, os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The file's bytes. Tensors are made contiguous CPU copies: a slice of a batch must not save the batch."""
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"latent metadata must be strings: {bad}")
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    atomic_write(path, to_bytes(tensors, metadata))
+
+
+def read_metadata(path: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """(metadata, {tensor name: shape}) from the header only. Raises InputError if the file is not complete."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {}), {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read(path: Path, key: str = "latent") -> tuple[torch.Tensor, dict[str, str]]:
+    """The tensor `key` (C, h, w) as float32 and the file's metadata. Raises InputError with the reason."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = list(f.keys())
+            if key not in keys:
+                raise InputError(f"no tensor {key!r} in this file (it has {', '.join(keys) or 'none'}; "
+                                 "choose one with --key)")
+            t = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]  # (1, C, h, w), as some tools store a batch of one
+    if t.ndim != 3:
+        raise InputError(f"tensor {key!r} has shape {tuple(t.shape)}; expected (C, h, w)")
+    return t.float(), meta
+
+
+def check(path: Path, expected: dict[str, str]) -> tuple[str, str]:
+    """For resuming: ("done", "") if `path` is a complete latent file written with the `expected` settings,
+    ("conflict", why) if it is complete but was written with other settings, ("redo", why) otherwise."""
+    try:
+        meta, shapes = read_metadata(path)
+    except InputError as e:
+        return "redo", str(e)
+    if meta.get("format") != FORMAT or "latent" not in shapes:
+        return "redo", "not a latentctl latent file"
+    differ = [f"{k}={meta.get(k)!r} (this run: {v!r})" for k, v in expected.items() if meta.get(k) != v]
+    if differ:
+        return "conflict", ("already exists, written with other settings: " + ", ".join(differ)
+                            + "; use --overwrite, or another output folder")
+    return "done", ""

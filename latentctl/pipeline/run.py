@@ -1,0 +1,574 @@
+"""encode / decode / roundtrip over many files.
+
+Data flow: loader threads read and prepare each input -> the calling thread groups items of equal size into
+batches and runs the model -> writer threads write each result atomically -> one Record per item, handed to
+`report` (always from the calling thread). The library never prints: warnings go to `warn`; a `stop` Event
+(the CLI sets it on Ctrl-C) ends the run after the batch in hand, once the writes in flight have finished.
+
+All model compute goes through encode_batch() and decode_batch(), which tile (latentctl/tiling.py) when asked
+or when a batch would not fit in memory.
+"""
+
+import hashlib
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__, tiling
+from ..errors import InputError, LatentctlError, UsageError
+from ..metrics import psnr, ssim
+from ..modules import AutoencoderKL, DiagonalGaussian
+from . import images, latents
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume
+
+STORES = ("mean", "sample", "posterior")
+TILE_MODES = tiling.MODES
+
+
+@dataclass
+class Options:
+    """Everything a run needs besides the model and the inputs (the CLI fills it from the flags)."""
+
+    dtype: torch.dtype = torch.float32      # compute precision; bf16/fp16 run under autocast
+    batch_size: int = 4
+    workers: int = 4                        # loader threads, and as many writer threads
+    store: str = "mean"                     # mean | sample | posterior
+    seed: int | None = None                 # for store=sample; None: one is drawn and recorded in each file
+    latent_dtype: str = "fp16"              # storage precision of latent files
+    overwrite: bool = False
+    fail_fast: bool = False
+    max_pixels: int = 100_000_000
+    alpha_background: tuple = (1.0, 1.0, 1.0)
+    resize: int | None = None               # short side, before center_crop
+    center_crop: tuple[int, int] | None = None
+    image_format: str = "png"               # decode / roundtrip outputs: png | jpg | webp
+    quality: int = 95
+    key: str = "latent"                     # decode: the tensor to read
+    scaling_factor: float | None = None     # decode: override the file's scale
+    shift_factor: float | None = None       # decode: override the file's shift
+    check_model: bool = True                # decode: refuse latents written by other weights
+    tile: str = "auto"                      # auto | on | off  (see encode_batch)
+    tile_size: int | None = None            # image pixels; None: the largest that fits
+    max_memory: int | None = None           # bytes for activations; None: tiling's default budget
+
+
+@dataclass
+class Record:
+    """What happened to one input."""
+
+    input: str
+    output: str | None
+    status: str                     # ok | skipped | error
+    error: str | None = None
+    shape: list[int] | None = None  # of what was written: latent (C, h, w) or image (3, H, W)
+    seconds: float = 0.0            # this item's own load + share of its batch + write
+    psnr: float | None = None       # roundtrip only
+    ssim: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {"input": self.input, "output": self.output, "status": self.status, "error": self.error,
+             "shape": self.shape, "seconds": round(self.seconds, 4)}
+        if self.psnr is not None or self.ssim is not None:
+            d["psnr"] = self.psnr if self.psnr is None or math.isfinite(self.psnr) else None  # inf: identical
+            d["ssim"] = self.ssim
+        return d
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False       # `stop` was set before every item was done
+    seed: int | None = None         # store=sample: the run's seed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Job:
+    item: Item
+    key: tuple                      # items with equal keys are batched together
+    x: torch.Tensor                 # model input: image (3, H, W) in [-1, 1] or raw latent (C, h, w)
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --- the two seams: every model call of the pipeline goes through one of these -------------------------------
+
+def _autocast(vae: AutoencoderKL, options: Options):
+    device = next(vae.parameters()).device
+    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != torch.float32)
+
+
+def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> DiagonalGaussian:
+    """Images (B, 3, H, W) in [-1, 1] -> posterior with float32 mean/logvar (B, C, h, w).
+    Tiled when options.tile says so (auto: when the untiled batch would not fit options.max_memory)."""
+    with torch.inference_mode(), _autocast(vae, options):
+        posterior = tiling.encode(vae, x, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
+                                  dtype=options.dtype)
+    return DiagonalGaussian(torch.cat([posterior.mean.float(), posterior.logvar.float()], dim=1))
+
+
+def decode_batch(vae: AutoencoderKL, z: torch.Tensor, options: Options) -> torch.Tensor:
+    """Raw latents (B, C, h, w) -> images (B, 3, H, W), float32, about [-1, 1] (not clamped). Tiled as encode_batch."""
+    with torch.inference_mode(), _autocast(vae, options):
+        return tiling.decode(vae, z, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
+                             dtype=options.dtype).float()
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _guarded(fn, vae, x, options, warn, what: str):
+    """fn(vae, x, options); if its result holds NaN/inf in reduced precision, the batch is redone in fp32."""
+    out = fn(vae, x, options)
+    tensors = (out.mean, out.logvar) if isinstance(out, DiagonalGaussian) else (out,)
+    if options.dtype != torch.float32 and not _finite(*tensors):
+        name = str(options.dtype).replace("torch.", "")
+        warn(f"{what}: NaN/inf in {name} for a batch of {x.shape[0]} (overflow); redoing it in fp32")
+        out = fn(vae, x, replace(options, dtype=torch.float32))
+    return out
+
+
+# --- planning ---------------------------------------------------------------------------------------------------
+
+def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None) -> list[Item]:
+    """Inputs -> items with their latent file paths. Raises UsageError on two inputs sharing an output."""
+    return assign_outputs(discover(inputs, IMAGE_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
+                          ".safetensors")
+
+
+def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", stdin_lines=None) -> list[Item]:
+    return assign_outputs(discover(inputs, LATENT_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
+                          "." + image_format)
+
+
+def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", stdin_lines=None) -> list[Item]:
+    items = discover(inputs, IMAGE_EXTS, stdin_lines=stdin_lines, exclude=out_dir)
+    if out_dir is None:
+        return items  # metrics only: nothing is written
+    items = assign_outputs(items, Path(out_dir), "." + image_format)
+    check_unique([i.output for i in items] + [compare_path(i.output) for i in items])
+    return items
+
+
+def compare_path(output: Path) -> Path:
+    """Where roundtrip puts the side-by-side picture of `output`."""
+    return output.with_name(output.stem + ".compare" + output.suffix)
+
+
+def model_for_latents(meta: dict[str, str], models_file=None) -> tuple[str | None, str | None]:
+    """(model name, weights path) for api.load() that decode uses when no --model/--weights is given."""
+    from ..registry import load_registry
+
+    if meta.get("format") != latents.FORMAT:
+        return "default", None
+    name, weights = meta.get("model", ""), meta.get("weights", "")
+    if name in load_registry(models_file):
+        return name, None
+    if weights and Path(weights).exists():
+        return None, weights
+    raise UsageError(f"the latents were written by model {name!r} (weights {weights or '?'}), which is not in "
+                     "models.toml and whose weights file is not here; pass --model NAME or --weights PATH")
+
+
+# --- the driver shared by the three commands ------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _error(item: Item, message: str, seconds: float = 0.0) -> Record:
+    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds)
+
+
+def _load(load, item: Item):
+    """Run in a loader thread: a _Job, or the item's error Record. A bad file never raises out of here."""
+    t = time.perf_counter()
+    try:
+        if item.error is not None:
+            raise InputError(item.error)
+        job = load(item)
+    except InputError as e:
+        return _error(item, str(e), time.perf_counter() - t)
+    except Exception as e:  # pillow and decoders raise many kinds on hostile files: all are the item's error
+        return _error(item, f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t)
+    job.seconds = time.perf_counter() - t
+    return job
+
+
+def _finish(finish, job: _Job, result) -> Record:
+    """Run in a writer thread: the item's Record (a failed write is the item's error, not the run's)."""
+    t = time.perf_counter()
+    try:
+        record = finish(job, result)
+    except InputError as e:
+        record = _error(job.item, str(e))
+    except OSError as e:
+        record = _error(job.item, f"cannot write {job.item.output}: {e.strerror or e}")
+    except Exception as e:
+        record = _error(job.item, f"{type(e).__name__}: {_first_line(e)}")
+    record.seconds = job.seconds + time.perf_counter() - t
+    return record
+
+
+def _compute(compute, jobs: list[_Job]) -> list:
+    """compute(jobs) -> one result or Exception per job. A batch that fails (e.g. out of memory) is retried
+    one item at a time, so one bad item costs only itself."""
+    try:
+        return compute(jobs)
+    except LatentctlError as e:
+        if not isinstance(e, InputError):
+            raise  # the model or the flags, not this item (e.g. a model the tiler cannot split): stop the run
+        if len(jobs) == 1:
+            return [e]
+    except Exception as e:
+        if len(jobs) == 1:
+            return [e]
+    return [_compute(compute, [job])[0] for job in jobs]
+
+
+def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop) -> Summary:
+    started = time.perf_counter()
+    summary = Summary(total=len(items))
+    stop = stop if stop is not None else threading.Event()
+
+    def emit(record: Record) -> None:
+        summary.ok += record.status == "ok"
+        summary.skipped += record.status == "skipped"
+        summary.failed += record.status == "error"
+        if report is not None:
+            report(record)
+
+    def halted() -> bool:
+        return stop.is_set() or (options.fail_fast and summary.failed > 0)
+
+    todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
+    for item in done:
+        emit(Record(item.source, str(item.output), "skipped"))
+    for item, reason in refused:
+        emit(_error(item, reason))
+
+    workers = max(1, options.workers)
+    ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
+    with ThreadPoolExecutor(workers, "latentctl-load") as loader, \
+            ThreadPoolExecutor(workers, "latentctl-write") as writer:
+        pending, writes, buckets = deque(), deque(), {}
+        source = iter(todo)
+
+        def fill() -> None:
+            while len(pending) < ahead and (item := next(source, None)) is not None:
+                pending.append(loader.submit(_load, load, item))
+
+        def drain(limit: int) -> None:
+            """Report the finished writes; wait while more than `limit` are queued (bounds memory)."""
+            while writes and (writes[0].done() or len(writes) > limit):
+                emit(writes.popleft().result())
+
+        def run(key) -> None:
+            jobs = buckets.pop(key)
+            t = time.perf_counter()
+            results = _compute(compute, jobs)
+            share = (time.perf_counter() - t) / len(jobs)
+            for job, result in zip(jobs, results):
+                job.seconds += share
+                if isinstance(result, Exception):
+                    message = str(result) if isinstance(result, InputError) else \
+                        f"{type(result).__name__}: {_first_line(result)}"
+                    emit(_error(job.item, message, job.seconds))
+                else:
+                    writes.append(writer.submit(_finish, finish, job, result))
+            drain(ahead)
+
+        fill()
+        while pending and not halted():
+            job = pending.popleft().result()
+            fill()
+            if isinstance(job, Record):
+                emit(job)
+                continue
+            bucket = buckets.setdefault(job.key, [])
+            bucket.append(job)
+            if len(bucket) >= options.batch_size:
+                run(job.key)
+            elif sum(map(len, buckets.values())) > 2 * options.batch_size:
+                run(max(buckets, key=lambda k: len(buckets[k])))  # many sizes: don't hold images forever
+            drain(ahead)
+        while buckets and not halted():
+            run(next(iter(buckets)))
+        for future in pending:
+            future.cancel()
+        drain(0)  # the writes in flight always finish, even after Ctrl-C
+    summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# --- encode ---------------------------------------------------------------------------------------------------
+
+def _load_image_job(item: Item, vae: AutoencoderKL, options: Options) -> _Job:
+    try:
+        data = item.path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}") from None
+    loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
+    x, geometry = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
+                                 center_crop=options.center_crop)
+    info = {"loaded": loaded, "geometry": geometry, "sha256": hashlib.sha256(data).hexdigest()}
+    return _Job(item, tuple(x.shape), x, info)
+
+
+def _item_seed(seed: int, item: Item) -> int:
+    """Each item's noise seed: from the run's seed and the item's relative path, so a sample does not
+    depend on batching, order, device or which items a resumed run still had to do."""
+    digest = hashlib.sha256(f"{seed}:{item.rel.as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _latent_tensors(vae, posterior: DiagonalGaussian, jobs: list[_Job], options: Options, seed) -> list:
+    """Per job: {"latent": ..., ["mean", "logvar"]} in the storage dtype, or an InputError."""
+    storage = latents.STORAGE_DTYPES[options.latent_dtype]
+    out = []
+    for i, job in enumerate(jobs):
+        mean, logvar = posterior.mean[i], posterior.logvar[i]
+        z = mean
+        if options.store == "sample":
+            g = torch.Generator().manual_seed(_item_seed(seed, job.item))
+            noise = torch.randn(mean.shape, generator=g)  # drawn on the CPU: the same numbers on any device
+            z = mean + posterior.std[i] * noise.to(mean.device)
+        tensors = {"latent": vae.normalize(z)}
+        if options.store == "posterior":
+            tensors |= {"mean": mean, "logvar": logvar}
+        if not _finite(*tensors.values()):
+            out.append(InputError("the model gives NaN/inf for this image even in fp32; not written"))
+            continue
+        stored = {k: v.to(storage).cpu() for k, v in tensors.items()}
+        if not _finite(*stored.values()):
+            peak = max(v.abs().max().item() for v in tensors.values())
+            out.append(InputError(f"latent values up to {peak:.4g} overflow {options.latent_dtype} storage; "
+                                  "use --latent-dtype bf16 or fp32"))
+            continue
+        out.append(stored)
+    return out
+
+
+def _encode_settings(vae, info, options: Options, seed) -> dict[str, str]:
+    """Metadata that must match for an existing file to count as done (see latents.check)."""
+    s = {"weights_sha256": info.weights_sha256, "store": options.store, "latent_dtype": options.latent_dtype,
+         "scaling_factor": repr(float(vae.config.scaling_factor)), "shift_factor": repr(float(vae.config.shift_factor)),
+         "resize": str(options.resize or ""),
+         "center_crop": "x".join(map(str, options.center_crop)) if options.center_crop else "",
+         "alpha_background": images.color_hex(options.alpha_background)}
+    if options.store == "sample" and options.seed is not None:
+        s["seed"] = str(seed)
+    return s
+
+
+def _box(box) -> str:
+    return ",".join(map(str, box)) if box else ""
+
+
+def _metadata(job: _Job, vae, info, settings: dict, seed) -> dict[str, str]:
+    g, loaded = job.info["geometry"], job.info["loaded"]
+    return {**settings, "format": latents.FORMAT, "model": info.name, "weights": info.weights, "scaled": "true",
+            "seed": str(seed) if seed is not None else "",
+            "source": job.item.source, "source_sha256": job.info["sha256"],
+            "width": str(g.width), "height": str(g.height), "color_mode": loaded.mode,
+            "exif_transposed": str(loaded.exif_transposed).lower(),
+            "resized": "x".join(map(str, g.resized)) if g.resized else "", "crop_box": _box(g.crop),
+            "valid_box": _box(g.valid), "padded": "x".join(map(str, g.padded)), "factor": str(vae.config.factor),
+            "latentctl_version": __version__}
+
+
+def check_options(options: Options) -> None:
+    """Raise UsageError for values no run can use (the CLI calls this before loading the model)."""
+    if options.store not in STORES:
+        raise UsageError(f"--store {options.store!r}: choose {', '.join(STORES)}")
+    if options.latent_dtype not in latents.STORAGE_DTYPES:
+        raise UsageError(f"--latent-dtype {options.latent_dtype!r}: choose {', '.join(latents.STORAGE_DTYPES)}")
+    if options.batch_size < 1 or options.workers < 1:
+        raise UsageError("batch size and workers must be at least 1")
+
+
+def _run_seed(options: Options) -> int | None:
+    """store=sample: the seed given, or a fresh one (recorded in every file, so any file can be remade)."""
+    check_options(options)
+    if options.store != "sample":
+        return None
+    return options.seed if options.seed is not None else secrets.randbits(63)
+
+
+def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None) -> Summary:
+    """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
+    warn = warn or (lambda message: None)
+    seed = _run_seed(options)
+    settings = _encode_settings(vae, info, options, seed)
+    weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
+    info = replace(info, weights=weights)  # recorded absolute, so decode finds it from any folder
+    device = next(vae.parameters()).device
+
+    def compute(jobs):
+        x = torch.stack([j.x for j in jobs]).to(device)
+        posterior = _guarded(encode_batch, vae, x, options, warn, "encode")
+        return _latent_tensors(vae, posterior, jobs, options, seed)
+
+    def finish(job, tensors):
+        latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
+        return Record(job.item.source, str(job.item.output), "ok", shape=list(tensors["latent"].shape))
+
+    summary = _drive(items, lambda path: latents.check(path, settings),
+                     lambda item: _load_image_job(item, vae, options), compute, finish, options, report, stop)
+    summary.seed = seed
+    return summary
+
+
+# --- decode ---------------------------------------------------------------------------------------------------
+
+def _scale_shift(meta: dict, options: Options) -> tuple[float, float]:
+    """The file's scale and shift, unless overridden; a file that does not say needs --scaling-factor."""
+    ours = meta.get("format", "").startswith("latentctl-latent/")
+    if ours and meta.get("format") != latents.FORMAT:
+        raise InputError(f"latent file format {meta['format']!r} is newer than this latentctl ({latents.FORMAT})")
+    if meta.get("scaled") == "false":
+        scale, shift = 1.0, 0.0
+    else:
+        try:
+            scale = float(meta["scaling_factor"]) if "scaling_factor" in meta else None
+            shift = float(meta.get("shift_factor", "0") or 0)
+        except ValueError:
+            raise InputError("metadata scaling_factor/shift_factor are not numbers") from None
+    scale = options.scaling_factor if options.scaling_factor is not None else scale
+    shift = options.shift_factor if options.shift_factor is not None else shift
+    if scale is None:
+        raise InputError("the file does not say how its latent was scaled: pass --scaling-factor "
+                         "(and --shift-factor) as used when it was written")
+    if scale == 0:
+        raise InputError("scaling_factor 0")
+    return scale, shift
+
+
+def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> _Job:
+    latent, meta = latents.read(item.path, options.key)
+    channels = vae.config.latent_channels
+    if latent.shape[0] != channels:
+        raise InputError(f"latent has {latent.shape[0]} channels; model {info.name!r} takes {channels}")
+    if meta.get("factor") and meta["factor"] != str(vae.config.factor):
+        raise InputError(f"latent was made by a model with factor {meta['factor']}; "
+                         f"model {info.name!r} has factor {vae.config.factor}")
+    sha = meta.get("weights_sha256")
+    if options.check_model and sha and sha != info.weights_sha256:
+        raise InputError(f"written by model {meta.get('model')!r} (weights sha256 {sha[:12]}…), not by "
+                         f"{info.name!r} ({info.weights_sha256[:12]}…); pass --model/--weights to decode it anyway")
+    scale, shift = _scale_shift(meta, options)
+    z = latent / scale + shift  # model-ready latent -> raw latent
+    h, w = z.shape[1] * vae.config.factor, z.shape[2] * vae.config.factor
+    valid = (0, 0, w, h)
+    if meta.get("valid_box"):
+        try:
+            valid = tuple(int(v) for v in meta["valid_box"].split(","))
+        except ValueError:
+            raise InputError(f"metadata valid_box {meta['valid_box']!r} is not 'left,top,right,bottom'") from None
+        if len(valid) != 4 or not (0 <= valid[0] < valid[2] <= w and 0 <= valid[1] < valid[3] <= h):
+            raise InputError(f"metadata valid_box {meta['valid_box']!r} does not fit a {w}x{h} image")
+    return _Job(item, tuple(z.shape), z, {"valid": valid})
+
+
+def _crop(image: torch.Tensor, box) -> torch.Tensor:
+    left, top, right, bottom = box
+    return image[:, top:bottom, left:right]
+
+
+def _decoded(vae, z: torch.Tensor, options: Options, warn) -> list:
+    images_ = _guarded(decode_batch, vae, z, options, warn, "decode").cpu()
+    return [img if _finite(img) else InputError("the model gives NaN/inf for this latent even in fp32")
+            for img in images_]
+
+
+def _write_image(path: Path, rgb: np.ndarray, options: Options) -> None:
+    latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality))
+
+
+def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None) -> Summary:
+    """Decode latent files to images cropped to their valid box (items from plan_decode)."""
+    warn = warn or (lambda message: None)
+    device = next(vae.parameters()).device
+
+    def compute(jobs):
+        return _decoded(vae, torch.stack([j.x for j in jobs]).to(device), options, warn)
+
+    def finish(job, image):
+        rgb = images.to_uint8(_crop(image, job.info["valid"]))
+        _write_image(job.item.output, rgb, options)
+        return Record(job.item.source, str(job.item.output), "ok", shape=[3, *rgb.shape[:2]])
+
+    def check(path):
+        return ("done", "") if images.is_valid_image(path) else ("redo", "")
+
+    return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
+                  options, report, stop)
+
+
+# --- roundtrip ------------------------------------------------------------------------------------------------
+
+def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
+                    stop: threading.Event | None = None) -> Summary:
+    """Encode then decode in memory, exactly as `encode` then `decode` would (same storage dtype and scaling);
+    each Record carries PSNR and SSIM of the 8-bit reconstruction against the image that was encoded.
+    With outputs (plan_roundtrip with a folder) it writes the reconstruction and original | reconstruction | error."""
+    warn = warn or (lambda message: None)
+    seed = _run_seed(options)
+    device = next(vae.parameters()).device
+    scale, shift = float(vae.config.scaling_factor), float(vae.config.shift_factor)
+
+    def compute(jobs):
+        x = torch.stack([j.x for j in jobs]).to(device)
+        posterior = _guarded(encode_batch, vae, x, options, warn, "encode")
+        stored = _latent_tensors(vae, posterior, jobs, options, seed)
+        ok = [i for i, s in enumerate(stored) if not isinstance(s, Exception)]
+        if ok:
+            # the same arithmetic decode does on a file: stored dtype -> float32, then unscale
+            z = torch.stack([stored[i]["latent"].float() / scale + shift for i in ok]).to(device)
+            for i, image in zip(ok, _decoded(vae, z, options, warn)):
+                stored[i] = image
+        return stored
+
+    def finish(job, image):
+        box = job.info["geometry"].valid
+        recon = images.to_uint8(_crop(image, box))
+        original = images.to_uint8(_crop(job.x, box))
+        if job.info["loaded"].mode.startswith(("I", "F")):  # 16-bit/float: compare against full precision
+            reference = _crop(job.x, box).add(1).div(2).clamp(0, 1)
+        else:
+            reference = torch.from_numpy(original).permute(2, 0, 1).float() / 255
+        got = torch.from_numpy(recon).permute(2, 0, 1).float() / 255
+        try:
+            s = ssim(reference, got)
+        except ValueError:  # smaller than the 11x11 window
+            s = None
+        if job.item.output is not None:
+            _write_image(job.item.output, recon, options)
+            _write_image(compare_path(job.item.output), images.side_by_side(original, recon), options)
+        return Record(job.item.source, str(job.item.output) if job.item.output else None, "ok",
+                      shape=[3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
+
+    summary = _drive(items, None, lambda item: _load_image_job(item, vae, options), compute, finish,
+                     options, report, stop)
+    summary.seed = seed
+    return summary
