@@ -97,13 +97,15 @@ def colour_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return y.clamp(0, 1)
 
 
-def photo_crops(photos, n: int, size: int, g: torch.Generator, device) -> torch.Tensor:
+def photo_crops(photos, n: int, size: int, g: torch.Generator, device, wide: bool = False) -> torch.Tensor:
+    """Random crops resized to size x size. wide: each crop covers 40-100% of the photo's short side, so the
+    crop has the whole-image mix of content that GroupNorm sees at inference (its statistics span the image)."""
     out = []
     for _ in range(n):
         p = photos[int(torch.randint(len(photos), (1,), generator=g, device=g.device))]
         scale = 0.5 + float(torch.rand(1, generator=g, device=g.device))  # random zoom 0.5x-1.5x
         h, w = p.shape[1:]
-        s = min(int(size / scale), h, w)
+        s = min(int(size / scale), h, w) if not wide else int(min(h, w) * (0.4 + 0.6 * scale / 1.5))
         y0 = int(torch.randint(h - s + 1, (1,), generator=g, device=g.device))
         x0 = int(torch.randint(w - s + 1, (1,), generator=g, device=g.device))
         crop = p[:, y0:y0 + s, x0:x0 + s][None].to(device)
@@ -114,9 +116,9 @@ def photo_crops(photos, n: int, size: int, g: torch.Generator, device) -> torch.
     return colour_augment(torch.cat(out).clamp(0, 1), g)
 
 
-def batch(photos, n, size, g, device):
+def batch(photos, n, size, g, device, wide=False):
     k = n // 2
-    return torch.cat([photo_crops(photos, k, size, g, device), dead_leaves(n - k, size, g, device)]) * 2 - 1
+    return torch.cat([photo_crops(photos, k, size, g, device, wide), dead_leaves(n - k, size, g, device)]) * 2 - 1
 
 
 def psnr(a, b):
@@ -163,7 +165,7 @@ def train(args):
         lr = args.lr * min(1.0, (step - start + 1) / 200) * (0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = batch(photos, args.batch, args.size, g, device)
+        x = batch(photos, args.batch, args.size, g, device, args.wide_crops)
         with torch.autocast(**amp):
             post = model.encode(x)
             noise = torch.randn(post.mean.shape, generator=g).to(device)
@@ -246,6 +248,7 @@ def main():
     ap.add_argument("--low-weight", type=float, default=2.0)
     ap.add_argument("--warmup-det", type=int, default=500)
     ap.add_argument("--save-every", type=float, default=120, help="seconds between checkpoints")
+    ap.add_argument("--wide-crops", action="store_true", help="photo crops span 40-100%% of the photo (whole-image statistics)")
     ap.add_argument("--restart", action="store_true", help="on resume, start a new cosine cycle of --steps steps")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
