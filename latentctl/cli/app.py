@@ -10,13 +10,19 @@ import typer
 from .. import __version__
 from ..errors import LatentctlError
 from . import output
+from .bench_cmd import bench
 from .models_cmd import info, models_app
+from .pipeline_cmds import decode, encode, roundtrip
 
 app = typer.Typer(name="latentctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Images to VAE latents and back, fast and exactly. "
                        "encode | decode | roundtrip | bench | models | info")
 app.add_typer(models_app, name="models")
 app.command("info")(info)
+app.command("encode")(encode)
+app.command("decode")(decode)
+app.command("roundtrip")(roundtrip)
+app.command("bench")(bench)
 
 
 def _version(value: bool):

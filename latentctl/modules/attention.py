@@ -45,7 +45,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     n, c = k.shape[1], k.shape[2]
     kc = (k - k.mean(dim=1, keepdim=True)).float()
     context = kc.transpose(1, 2) @ v.float()  # (B, C, C), accumulated in fp32: fp16 sums over N overflow
-    out = v.float().mean(dim=1, keepdim=True) + (q.float() @ context) * (c**-0.5 / n)
+    out = torch.baddbmm(v.float().mean(dim=1, keepdim=True), q.float(), context, alpha=c**-0.5 / n)  # one (B, N, C)
     return out.to(v.dtype)
 
 
@@ -114,7 +114,10 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = _to_tokens(self.norm(x))
         q, k, v = (self._project(p, y) for p in (self.q, self.k, self.v))  # each (B, HW, C)
-        out = self._project(self.proj_out, self.attend(q, k, v))  # (B, HW, C)
+        del y  # each dropped (B, HW, C) is 128 MiB at 2048x2048: the peak here is what bounds image size
+        out = self.attend(q, k, v)
+        del q, k, v
+        out = self._project(self.proj_out, out)  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)  # the sum takes x's memory format
 
     def flops(self, batch: int, tokens: int) -> int:

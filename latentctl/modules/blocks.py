@@ -118,7 +118,11 @@ class Upsample(nn.Module):
 
     def _phase_weight(self, dtype) -> torch.Tensor:
         w = self.conv.weight
-        key = (w.data_ptr(), w._version, dtype)
+        try:
+            version = w._version  # changes on in-place updates (optimizer steps, load_state_dict)
+        except RuntimeError:  # inference-mode tensors have no version counter
+            version = -1
+        key = (w.data_ptr(), version, dtype)
         if getattr(self, "_phase_cache", (None,))[0] != key:
             # rows: output parity 0 reads input rows (a-1, a) with taps (0, 1+2); parity 1 reads (a, a+1) with (0+1, 2)
             fold = [[[0], [1, 2]], [[0, 1], [2]]]
