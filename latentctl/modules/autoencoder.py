@@ -13,6 +13,37 @@ from .attention import make_attn
 from .blocks import Downsample, Normalize, ResnetBlock, Upsample, norm_swish
 
 
+def down_levels(*, ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int, dropout: float,
+                resamp_with_conv: bool, attn_type: str, attn_backend: str, temb_channels: int = 0) -> nn.ModuleList:
+    """The contracting path of Encoder and Model: per level `block` (res blocks), `attn` (one per block where the
+    resolution is in attn_resolutions) and `downsample` (all but the last level)."""
+    in_mult, res, levels = (1, *ch_mult), resolution, nn.ModuleList()
+    for i, mult in enumerate(ch_mult):
+        level = nn.Module()
+        level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+        width_in, width = ch * in_mult[i], ch * mult
+        for _ in range(num_res_blocks):
+            level.block.append(ResnetBlock(in_channels=width_in, out_channels=width, dropout=dropout,
+                                           temb_channels=temb_channels))
+            width_in = width
+            if res in attn_resolutions:
+                level.attn.append(make_attn(width, attn_type, attn_backend))
+        if i != len(ch_mult) - 1:
+            level.downsample = Downsample(width, resamp_with_conv)
+            res //= 2
+        levels.append(level)
+    return levels
+
+
+def mid_block(width: int, *, dropout: float, attn_type: str, attn_backend: str, temb_channels: int = 0) -> nn.Module:
+    """ResBlock - attention - ResBlock at the lowest resolution (`mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(in_channels=width, out_channels=width, dropout=dropout, temb_channels=temb_channels)
+    mid.attn_1 = make_attn(width, attn_type, attn_backend)
+    mid.block_2 = ResnetBlock(in_channels=width, out_channels=width, dropout=dropout, temb_channels=temb_channels)
+    return mid
+
+
 class Encoder(nn.Module):
     """image (B, in_channels, H, W) -> moments (B, 2*z_channels, H/2^(L-1), W/2^(L-1)) (or z_channels if not double_z)."""
 
@@ -23,26 +54,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.num_levels = len(ch_mult)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        in_mult = (1, *ch_mult)
-        res = resolution
-        self.down = nn.ModuleList()
-        for i, mult in enumerate(ch_mult):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            width_in, width = ch * in_mult[i], ch * mult
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(in_channels=width_in, out_channels=width, dropout=dropout))
-                width_in = width
-                if res in attn_resolutions:
-                    level.attn.append(make_attn(width, attn_type, attn_backend))
-            if i != self.num_levels - 1:
-                level.downsample = Downsample(width, resamp_with_conv)
-                res //= 2
-            self.down.append(level)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=width, out_channels=width, dropout=dropout)
-        self.mid.attn_1 = make_attn(width, attn_type, attn_backend)
-        self.mid.block_2 = ResnetBlock(in_channels=width, out_channels=width, dropout=dropout)
+        self.down = down_levels(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
+                                resolution=resolution, dropout=dropout, resamp_with_conv=resamp_with_conv,
+                                attn_type=attn_type, attn_backend=attn_backend)
+        width = ch * ch_mult[-1]
+        self.mid = mid_block(width, dropout=dropout, attn_type=attn_type, attn_backend=attn_backend)
         self.norm_out = Normalize(width)
         self.conv_out = nn.Conv2d(width, 2 * z_channels if double_z else z_channels, 3, padding=1)
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from .attention import make_attn
-from .blocks import Downsample, Normalize, ResnetBlock, Upsample, norm_swish, swish, timestep_embedding
+from .autoencoder import down_levels, mid_block
+from .blocks import Normalize, ResnetBlock, Upsample, norm_swish, swish, timestep_embedding
 
 
 class Model(nn.Module):
@@ -24,29 +25,16 @@ class Model(nn.Module):
                                                  temb_channels=self.temb_ch, dropout=dropout)
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        in_mult = (1, *ch_mult)
-        res, skip_widths = resolution, [ch]  # widths of the activations the up path will concatenate
-        self.down = nn.ModuleList()
+        shape = dict(dropout=dropout, attn_type=attn_type, attn_backend=attn_backend, temb_channels=self.temb_ch)
+        self.down = down_levels(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
+                                resolution=resolution, resamp_with_conv=resamp_with_conv, **shape)
+        width = ch * ch_mult[-1]
+        self.mid = mid_block(width, **shape)
+        # widths of the activations the up path concatenates: conv_in's, each res block's, each downsample's
+        skip_widths = [ch]
         for i, mult in enumerate(ch_mult):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            width_in, width = ch * in_mult[i], ch * mult
-            for _ in range(num_res_blocks):
-                level.block.append(resblock(width_in, width))
-                width_in = width
-                if res in attn_resolutions:
-                    level.attn.append(attn(width))
-                skip_widths.append(width)
-            if i != self.num_levels - 1:
-                level.downsample = Downsample(width, resamp_with_conv)
-                res //= 2
-                skip_widths.append(width)
-            self.down.append(level)
-
-        self.mid = nn.Module()
-        self.mid.block_1 = resblock(width, width)
-        self.mid.attn_1 = attn(width)
-        self.mid.block_2 = resblock(width, width)
+            skip_widths += [ch * mult] * (num_res_blocks + (i != self.num_levels - 1))
+        res = resolution // 2 ** (self.num_levels - 1)
 
         up = []
         for i in reversed(range(self.num_levels)):
