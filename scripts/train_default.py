@@ -206,14 +206,14 @@ def save(path, model, ema, opt, g, step, log, total, start=0):
 
 @torch.no_grad()
 def export(args):
-    """EMA weights -> fp16 safetensors; scale/shift from the training photos so scaled latents have unit variance."""
+    """EMA (or raw) weights -> fp16 safetensors; scale/shift from the training photos so scaled latents have unit variance."""
     import hashlib
 
     from safetensors.torch import save_file
 
     state = torch.load(Path(args.out) / "ckpt.pt", map_location="cpu", weights_only=True)
     model = AutoencoderKL(AEConfig(**ARCH)).eval()
-    model.load_state_dict(state["ema"])
+    model.load_state_dict(state[args.export_from])
     zs = []
     for p in load_photos():
         h, w = (s // 8 * 8 for s in p.shape[1:])
@@ -249,6 +249,8 @@ def main():
     ap.add_argument("--warmup-det", type=int, default=500)
     ap.add_argument("--save-every", type=float, default=120, help="seconds between checkpoints")
     ap.add_argument("--wide-crops", action="store_true", help="photo crops span 40-100%% of the photo (whole-image statistics)")
+    ap.add_argument("--export-from", choices=["ema", "model"], default="ema",
+                    help="weights to export: the EMA, or the raw weights (after a short fine-tune the EMA lags)")
     ap.add_argument("--restart", action="store_true", help="on resume, start a new cosine cycle of --steps steps")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
