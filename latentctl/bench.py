@@ -212,7 +212,7 @@ def _row(**values) -> dict:
 
 def prepare(model: torch.nn.Module, dtype: torch.dtype, fmt: str = "contiguous") -> torch.nn.Module:
     """The model at `dtype` and memory format: a copy unless unchanged, so the fp32 weights stay exact for the next."""
-    if dtype == torch.float32 and fmt == "contiguous":
+    if dtype == torch.float32 and memory_format(model) == fmt:
         return model
     # nn.Module.to: diffusers' own .to() logs advice to stderr, and the library never prints
     return torch.nn.Module.to(copy.deepcopy(model), dtype=dtype, memory_format=MEMORY_FORMATS[fmt])
