@@ -127,6 +127,7 @@ def timed(fn):
 
 
 def target(name: str, value: float, ok: bool, need: str, cmd: str, unit: str = ""):
+    value, ok = float(value), bool(ok)
     RESULTS.append(dict(target=name, value=value, ok=ok, need=need, cmd=cmd))
     shown = f"{value:.4g}{unit}" if isinstance(value, float) else f"{value}{unit}"
     print(f"  TARGET {name}: {shown} (need {need}) {'PASS' if ok else 'FAIL'}   [{cmd}]", flush=True)
@@ -153,6 +154,11 @@ def seams(model_name, ours, ref, images: dict, tile: int, budget_fraction: float
         print(f"  latentctl tiled ({tile} px tiles, budget {budget_fraction:g} x untiled estimate): "
               f"encode {te:.0f}s vs {t_enc:.0f}s untiled ({pe.cost_ratio:.2f}x predicted), "
               f"decode {td:.0f}s vs {t_dec:.0f}s ({pd.cost_ratio:.2f}x predicted)")
+        if sum(p.numel() for p in ours.parameters()) < 10_000_000:   # a float64 reference is cheap: who is closer?
+            ref64 = ours.double().encode(x.double()).mean
+            ours.float()
+            print(f"  vs a float64 untiled reference, latent rel L2: untiled fp32 {rel_l2(z, ref64):.1e}, "
+                  f"tiled fp32 {rel_l2(zt, ref64):.1e}")
         target(f"{model_name}/{name} decode PSNR tiled vs untiled", psnr(yt, y), psnr(yt, y) >= 45, ">= 45 dB", cmd,
                " dB")
         target(f"{model_name}/{name} latent rel L2 tiled vs untiled", rel_l2(zt, z), rel_l2(zt, z) <= 0.01, "<= 1%",
@@ -165,7 +171,8 @@ def seams(model_name, ours, ref, images: dict, tile: int, budget_fraction: float
             ref.disable_tiling()
             print(f"  diffusers enable_tiling() ({tile} px tiles, overlap 0.25, same weights): "
                   f"decode PSNR {psnr(dy, y):.1f} dB, latent rel L2 {rel_l2(dz, z):.2%}", flush=True)
-            RESULTS.append(dict(target=f"diffusers {model_name}/{name}", psnr=psnr(dy, y), rel_l2=rel_l2(dz, z)))
+            RESULTS.append(dict(target=f"diffusers {model_name}/{name}", psnr=float(psnr(dy, y)),
+                                rel_l2=float(rel_l2(dz, z))))
 
 
 # --- cost --------------------------------------------------------------------------------------------------------

@@ -296,9 +296,13 @@ def _requirements(net: _Net, a: int, t: int, out_r, keep_skips: bool) -> list:
 
 
 def _conv_region(m: nn.Conv2d, pad: int, t: torch.Tensor, have, out_r, h: int, w: int) -> torch.Tensor:
-    """Region out_r of a stride-1 'same' conv. The conv's own zero padding serves the image border; on the other
-    sides the input reaches `pad` further, and the outputs the padding spoilt there are cropped away."""
+    """Region out_r of a stride-1 'same' conv. Away from the image border the input reaches `pad` further on
+    every side and the conv is 'valid'. At the border the conv's own zero padding serves, and on the other
+    sides the outputs that padding spoilt are cropped away."""
+    need = (out_r[0] - pad, out_r[1] + pad, out_r[2] - pad, out_r[3] + pad)
     clip = _grow(out_r, pad, h, w)
+    if clip == need:
+        return F.conv2d(_crop(t, have, clip), m.weight, m.bias)
     y = F.conv2d(_crop(t, have, clip), m.weight, m.bias, padding=pad)
     return y if clip == out_r else _crop(y, clip, out_r)
 
@@ -331,17 +335,18 @@ class GroupStats:
     """A GroupNorm's input statistics per (sample, group), summed over tile cores, and the GroupNorm they define
     (biased variance, the module's eps and affine weights).
 
-    Per group: the count n, the sum S1 and the sum of squares S2 over every tile core, so mean = S1/n and
-    var = S2/n - mean^2 are the whole image's, what nn.GroupNorm computes -- not an average of per-tile
-    variances. Each channel's partial sums over at most 64K pixels are taken in float32 (the fast reductions;
-    relative error ~1e-7) and accumulated in float64."""
+    Per channel: the pixel count n, the sum S1 and the sum of squares S2 over every tile core, taken of
+    x - K with K the channel's mean over the first rows seen (shifted sums: the same totals, without the
+    cancellation of S2/n - mean^2 where a group is nearly constant, e.g. a black border). The group's mean
+    and biased variance follow exactly, what nn.GroupNorm computes over the whole image -- not an average of
+    per-tile variances. Partial sums over at most 16K pixels are float32, their totals float64."""
 
-    BAND = 1 << 16      # pixels per channel in one float32 partial sum
+    BAND = 1 << 14      # pixels per channel in one float32 partial sum (its x - K temporary stays small)
 
     def __init__(self, module: nn.GroupNorm, batch: int, device):
         self.module, self.groups, self.n = module, module.num_groups, 0
-        self.s1 = torch.zeros(batch, self.groups, dtype=torch.float64, device=device)
-        self.s2 = torch.zeros_like(self.s1)
+        self.shift = None                       # K, (B, C, 1, 1)
+        self.s1 = self.s2 = None                # sums of (x - K) and (x - K)^2 per channel, float64 (B, C)
         self._affine = None
 
     def add(self, x: torch.Tensor) -> "GroupStats":
@@ -351,11 +356,14 @@ class GroupStats:
             band = x[:, :, y:y + rows]
             if band.dtype not in (torch.float32, torch.float64):
                 band = band.float()
-            s1 = band.sum(dim=(2, 3)).double()                                   # (B, C)
-            s2 = torch.linalg.vector_norm(band, dim=(2, 3)).double() ** 2        # sum of squares, no temporary
-            self.s1 += s1.view(b, self.groups, -1).sum(-1)
-            self.s2 += s2.view(b, self.groups, -1).sum(-1)
-        self.n += (c // self.groups) * h * w
+            if self.shift is None:
+                self.shift = band.mean(dim=(2, 3), keepdim=True)
+                self.s1 = torch.zeros(b, c, dtype=torch.float64, device=x.device)
+                self.s2 = torch.zeros_like(self.s1)
+            d = band - self.shift
+            self.s1 += d.sum(dim=(2, 3)).double()
+            self.s2 += torch.linalg.vector_norm(d, dim=(2, 3)).double() ** 2
+        self.n += h * w
         self._affine = None
         return self
 
@@ -365,8 +373,14 @@ class GroupStats:
         return cls(module, x.shape[0], x.device).add(x)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.s1 / self.n
-        return mean, torch.sqrt((self.s2 / self.n - mean * mean).clamp_min(0.0) + self.module.eps)
+        """Per (sample, group): mean and sqrt(biased variance + eps), float64."""
+        b, c = self.s1.shape
+        k = self.shift.double().view(b, c)
+        mean = (k + self.s1 / self.n).view(b, self.groups, -1).mean(-1)               # (B, G)
+        off = mean.repeat_interleave(c // self.groups, dim=1) - k                     # group mean - K, (B, C)
+        sq = self.s2 - 2 * off * self.s1 + self.n * off * off                         # sum of (x - mean)^2
+        var = sq.view(b, self.groups, -1).sum(-1) / (self.n * (c // self.groups))
+        return mean, torch.sqrt(var.clamp_min(0.0) + self.module.eps)
 
     def apply(self, x: torch.Tensor, act: bool) -> torch.Tensor:
         """GroupNorm of x with these statistics (x * a + b per channel, the form torch's kernel uses), then SiLU."""
