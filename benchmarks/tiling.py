@@ -2,7 +2,7 @@
 
     python benchmarks/tiling.py                  # photos (longest side 512) + cost at 1024x1024   (~25 min, 1 core)
     python benchmarks/tiling.py --photos-full    # the photos at their own sizes (retina is 1411x1411)
-    python benchmarks/tiling.py --mosaics        # 1024x1024 and 2048x2048 mosaics of the photos (2048: ~17 GB RAM)
+    python benchmarks/tiling.py --mosaics        # 1024x1024 and 2048x2048 mosaics of the photos (2048: ~21 GB RAM)
     python benchmarks/tiling.py --memory         # peak RSS, fresh process each: 2048x2048 decode vs diffusers tiled,
                                                  # 4096x4096 encode and decode (hours on one core: --memory-runs)
     python benchmarks/tiling.py --large 2048 4096 --device cuda   # tiled vs untiled where untiled fits (big GPU)
@@ -320,7 +320,8 @@ def parse_bytes(s: str) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos-full", action="store_true", help="photos at their own sizes (default: longest side 512)")
-    ap.add_argument("--mosaics", action="store_true", help="1024x1024 and 2048x2048 mosaics of the photos")
+    ap.add_argument("--mosaics", type=int, nargs="*", default=None,
+                    help="mosaics of the photos at these sizes (no sizes: 1024 2048)")
     ap.add_argument("--memory", action="store_true", help="peak RSS in fresh processes at 2048 and 4096 (hours)")
     ap.add_argument("--large", type=int, nargs="*", default=[], help="sizes for tiled vs untiled where untiled fits")
     ap.add_argument("--no-photos", action="store_true")
@@ -374,8 +375,8 @@ def main():
             if pair:
                 seams("default", *pair, photos(None if args.photos_full else 512), args.tile,
                       args.budget_fraction, cmd, not args.no_diffusers)
-        if args.mosaics:
-            for size in (1024, 2048):
+        if args.mosaics is not None:
+            for size in args.mosaics or (1024, 2048):
                 need = tiling.estimate_memory(ours, (1, 4, size // 8, size // 8), "decode") + 4 * GB
                 if need > tiling._mem_available():
                     print(f"mosaic {size}: skipped, the untiled reference needs ~{need / GB:.0f} GB free")

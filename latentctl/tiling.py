@@ -18,15 +18,17 @@ away, never removed. Here the network is treated as what it is: a chain of *loca
   odd shapes, border tiles and the downsample's asymmetric pad come out identical by construction, for
   any tile size and any tile offset.
 - **GroupNorm** is applied with the statistics of the whole image, accumulated over a partition of the image
-  into tile cores: per-group sums and sums of squares, added up in float64 across tiles. mean = S1/n and
+  into tile cores: per-group sums and sums of squares, added up in float64 across tiles (taken of x - K,
+  K a per-channel reference value, so that nearly constant groups lose no precision). mean = S1/n and
   var = S2/n - mean^2 are then the whole image's, what nn.GroupNorm computes -- not an average of per-tile
   variances.
 - **Attention** (the mid block, at 1/8 resolution) runs over the whole latent, untiled; when the whole block
   would not fit the budget it runs in query chunks against all keys, which is the same computation. It
-  needs its input, output, keys and values whole: 4 latent-resolution tensors is the floor of the memory.
+  needs its input, output, keys and values whole: these 4 latent-resolution tensors are the memory floor.
 
 The result equals untiled computation up to float rounding (measured: ~1e-5 abs on decoded images, ~100 dB;
-bf16 runs are as close to fp32 as untiled bf16 is).
+where they differ more, e.g. retina's black border, the tiled result is the one closer to a float64
+reference; bf16 runs are as close to fp32 as untiled bf16 is).
 
 Bounded memory: hold what fits, recompute what does not
 -------------------------------------------------------
@@ -766,7 +768,8 @@ class _Runner:
         net = self.net
         req = _requirements(net, a, t, core, keep_skips)
         have = req[a]
-        cur = _crop(state.running, (0, *net.size(a)[:1], 0, net.size(a)[1]), have)
+        ha, wa = net.size(a)
+        cur = _crop(state.running, (0, ha, 0, wa), have)
         stack = []
         for j in net.alive[a]:
             _, hj, wj = net.shape[j]
@@ -809,16 +812,13 @@ class _Runner:
             out, new = self.run_tile(state, a, b, grid[0], True)
             self.tick()
             return _State(out, {**kept, **new})
-        ref = state.running
-
-        def empty(shape):
-            return torch.empty(net.batch, *shape, dtype=ref.dtype, device=ref.device)
-        running = None
-        new_skips = {j: empty(net.shape[j]) for j in net.alive[b] if j >= a}
+        running, new_skips = None, {}
         for core in grid:
             out, new = self.run_tile(state, a, b, core, True)
-            if running is None:    # dtype from the first tile: under autocast it differs from the input's
+            if running is None:    # dtypes from the first tile: under autocast they are not the input's
                 running = torch.empty(net.batch, *net.shape[b], dtype=out.dtype, device=out.device)
+                new_skips = {j: torch.empty(net.batch, *net.shape[j], dtype=t.dtype, device=t.device)
+                             for j, t in new.items()}
             running[:, :, core[0]:core[1], core[2]:core[3]] = out
             for j, t in new.items():
                 new_skips[j][:, :, core[0]:core[1], core[2]:core[3]] = t
