@@ -65,7 +65,9 @@ def test_json_rows_schema_and_unavailable_backend(tiny_models):
         assert r["ms_per_image_min"] <= r["ms_per_image"] <= r["ms_per_image_max"]
         assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"], rel=0.01)
         assert r["vs_diffusers"] is None and r["reason"] is None
-    assert "mode: fp32 contiguous" in " ".join(res.stderr.split())  # the table (stderr) says which mode ran
+    # the table (stderr) says which mode ran: by default the layout encode/decode use, channels_last on CPU
+    assert {r["memory_format"] for r in ok} == {"channels_last"}
+    assert "mode: fp32 channels_last" in " ".join(res.stderr.split())
 
 
 def test_only_unavailable_backends_exit_2_with_one_line(tiny_models, cli):

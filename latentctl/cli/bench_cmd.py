@@ -45,8 +45,9 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype", help="Comma-separated: auto, fp32, bf16, fp16. auto is the "
                                                       "precision encode/decode would pick here."),
     what: str = typer.Option("encode,decode", "--what", help="encode, decode or both."),
-    memory_format: str = typer.Option("contiguous", "--memory-format",
-                                      help="Comma-separated: contiguous, channels_last (weights and inputs)."),
+    memory_format: str = typer.Option("auto", "--memory-format",
+                                      help="Comma-separated: auto, contiguous, channels_last (weights and inputs). "
+                                           "auto is the layout encode/decode use here (channels_last on CPU)."),
     device: str = opt.Device,
     repeat: int = typer.Option(3, "--repeat", help="Timed runs after one warm-up; the median is reported."),
     vs: Optional[str] = typer.Option(None, "--vs", help="'diffusers': run diffusers' AutoencoderKL (its default "
@@ -82,7 +83,8 @@ def bench(
 
     rows = benchlib.run(vae, whats=_list(what, "--what"), attns=attns, dtypes=_list(dtype, "--dtype"),
                         sizes=_list(size, "--size", int), batches=_list(batch, "--batch", int),
-                        memory_formats=_list(memory_format, "--memory-format"), repeat=repeat,
+                        memory_formats=[benchlib.memory_format(vae) if f == "auto" else f
+                                        for f in _list(memory_format, "--memory-format")], repeat=repeat,
                         vs_diffusers=vs == "diffusers", model_name=info.name, on_row=on_row,
                         on_warning=output.warning)
     if not shown:
