@@ -43,7 +43,7 @@ def bicubic(img: np.ndarray, factor: int) -> np.ndarray:
 def reconstruct(vae, img: np.ndarray) -> np.ndarray:
     h, w = img.shape[:2]
     f = vae.config.factor
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
     ph, pw = (-h) % f, (-w) % f
     x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
     y = vae.decode(vae.encode(x).mean)[:, :, :h, :w]
