@@ -219,7 +219,7 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype, fmt: str = "contiguous")
 
 
 def run(vae: AutoencoderKL, *, whats=WHATS, attns=("sdpa",), dtypes=("auto",), sizes=(256,), batches=(1,),
-        memory_formats=("contiguous",), repeat: int = 3, vs_diffusers: bool = False, model_name: str = "",
+        memory_formats=("auto",), repeat: int = 3, vs_diffusers: bool = False, model_name: str = "",
         seed: int = 0, on_row: Callable[[dict], None] | None = None,
         on_warning: Callable[[str], None] | None = None) -> list[dict]:
     """Benchmark every (dtype, memory format, attn, what, size, batch) on the model's device; one row each.
@@ -235,9 +235,11 @@ def run(vae: AutoencoderKL, *, whats=WHATS, attns=("sdpa",), dtypes=("auto",), s
     for s in sizes:
         if s <= 0 or s % cfg.factor:
             raise UsageError(f"--size {s}: must be a positive multiple of {cfg.factor} (the model's factor)")
+    # auto: the layout the loaded model is in, which is what encode/decode run (channels_last on CPU)
+    memory_formats = [memory_format(vae) if f == "auto" else f for f in memory_formats]
     bad = [f for f in memory_formats if f not in MEMORY_FORMATS]
     if bad:
-        raise UsageError(f"--memory-format {bad[0]!r}: choose from {', '.join(MEMORY_FORMATS)}")
+        raise UsageError(f"--memory-format {bad[0]!r}: choose from auto, {', '.join(MEMORY_FORMATS)}")
     if repeat < 1 or any(b < 1 for b in batches):
         raise UsageError("--repeat and --batch must be at least 1")
     rows: list[dict] = []

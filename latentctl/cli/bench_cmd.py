@@ -83,8 +83,7 @@ def bench(
 
     rows = benchlib.run(vae, whats=_list(what, "--what"), attns=attns, dtypes=_list(dtype, "--dtype"),
                         sizes=_list(size, "--size", int), batches=_list(batch, "--batch", int),
-                        memory_formats=[benchlib.memory_format(vae) if f == "auto" else f
-                                        for f in _list(memory_format, "--memory-format")], repeat=repeat,
+                        memory_formats=_list(memory_format, "--memory-format"), repeat=repeat,
                         vs_diffusers=vs == "diffusers", model_name=info.name, on_row=on_row,
                         on_warning=output.warning)
     if not shown:
