@@ -3,6 +3,7 @@
     python scripts/train_default.py train --out runs/default --minutes 30      # CPU or CUDA, resumes from --out
     python scripts/train_default.py distil-mid --out runs/default --steps 1500 --lr 2e-4   # mid block: photos as crops
     python scripts/train_default.py train --out runs/dec --init runs/default/distilled.pt --freeze-encoder --size 256
+    python scripts/train_default.py check --out runs/dec                       # whole training photos vs bicubic
     python scripts/train_default.py export --out runs/dec                      # -> latentctl/weights/default.safetensors
 
 The shipped model's exact commands and what each stage fixed: README, "The shipped default model".
@@ -230,23 +231,29 @@ def windowed(attn: torch.nn.Module, window: int):
     return forward
 
 
+def load_model(path: Path, which: str) -> tuple[AutoencoderKL, dict]:
+    """An inference model with the `which` weights ("ema" or "model") of a checkpoint written here, and the checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = AutoencoderKL(AEConfig(**ARCH)).eval().requires_grad_(False)
+    model.load_state_dict(state[which])
+    return model, state
+
+
 def distil_mid(args):
     """Teach the decoder's mid block to behave on whole photos as it does on training crops.
 
     Trained on crops of 96-128 px, the mid attention saw 144-256 latent tokens; on a whole photo it sees
-    thousands, its softmax averages over far more keys and the decoder lifts colours (measured: running the
-    same attention on 16x16 windows gains 1.7-3.6 dB on whole photos). Fixed here at latent resolution, which
-    is cheap: the student is the mid block with global attention, the teacher the same block frozen with its
-    attention on --window x --window tiles, both fed the decoder's conv_in features of whole-photo latents
-    (training photos and synthetic images at 128-512 px). Only decoder.mid changes; the encoder, hence the
-    latents and their scale, stay as they are."""
+    thousands, its softmax averages over far more keys and the decoder lifts colours (measured with
+    `check --windowed`: the same attention on 16x16 windows gains 0.1-3.7 dB per whole training photo).
+    Fixed here at latent resolution, which is cheap: the student is the mid block with global attention, the
+    teacher the same block frozen with its attention on --window x --window tiles, both fed the decoder's
+    conv_in features of whole-photo latents (training photos and synthetic images at 128-512 px). Only
+    decoder.mid changes; the encoder, hence the latents and their scale, stay as they are."""
     import copy
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    state = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
-    model = AutoencoderKL(AEConfig(**ARCH)).eval().requires_grad_(False)
-    model.load_state_dict(state[args.export_from])
+    model, state = load_model(out / "ckpt.pt", args.export_from)
     mid = model.decoder.mid
     teacher = copy.deepcopy(mid)
     teacher.attn_1.forward = windowed(teacher.attn_1, args.window)
@@ -278,6 +285,36 @@ def distil_mid(args):
     print(f"wrote {out / 'distilled.pt'}; export it with --ckpt distilled.pt")
 
 
+CHECK_PHOTOS = ["astronaut", "chelsea", "coffee", "retina", "rocket", "motorcycle_left"]
+
+
+@torch.no_grad()
+def check(args):
+    """Whole training photos through a checkpoint, PSNR against the bicubic 8x reference: how the model does on
+    whole images rather than crops, without looking at the held-out photos. Photos are cropped to multiples of
+    128 (halved first when larger than 600x800). --windowed: the decoder's mid attention on --window tiles."""
+    model, state = load_model(Path(args.out) / args.ckpt, args.export_from)
+    if args.windowed:
+        model.decoder.mid.attn_1.forward = windowed(model.decoder.mid.attn_1, args.window)
+    margins = []
+    for name, p in zip(PHOTOS, load_photos()):
+        if name not in CHECK_PHOTOS:
+            continue
+        x = p[None] * 2 - 1
+        if x.shape[2] * x.shape[3] > 600 * 800:
+            x = F.interpolate(x, scale_factor=0.5, mode="area")
+        x = x[:, :, :x.shape[2] // 128 * 128, :x.shape[3] // 128 * 128]
+        rec = model.decode(model.encode(x).mean).clamp(-1, 1)
+        small = F.interpolate(x, scale_factor=1 / 8, mode="bicubic", antialias=True)
+        bicubic = F.interpolate(small, scale_factor=8, mode="bicubic").clamp(-1, 1)
+        ours, ref = psnr(rec, x), psnr(bicubic, x)
+        bias = ((rec - x).mean((2, 3))[0] * 127.5).tolist()  # mean colour error in 8-bit levels, per channel
+        margins.append(ours - ref)
+        print(json.dumps({"photo": name, "size": list(x.shape[2:]), "psnr": round(ours, 2), "bicubic8": round(ref, 2),
+                          "mean_error_rgb": [round(b, 1) for b in bias]}))
+    print(json.dumps({"step": state["step"], "mean_margin": round(sum(margins) / len(margins), 2)}))
+
+
 @torch.no_grad()
 def export(args):
     """EMA (or raw) weights -> fp16 safetensors; scale/shift from the training photos so scaled latents have unit variance."""
@@ -285,9 +322,7 @@ def export(args):
 
     from safetensors.torch import save_file
 
-    state = torch.load(Path(args.out) / args.ckpt, map_location="cpu", weights_only=True)
-    model = AutoencoderKL(AEConfig(**ARCH)).eval()
-    model.load_state_dict(state[args.export_from])
+    model, state = load_model(Path(args.out) / args.ckpt, args.export_from)
     zs = []
     for p in load_photos():
         h, w = (s // 8 * 8 for s in p.shape[1:])
@@ -307,10 +342,12 @@ def export(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cmd", choices=["train", "distil-mid", "export"])
+    ap.add_argument("cmd", choices=["train", "distil-mid", "check", "export"])
     ap.add_argument("--out", default="runs/default")
     ap.add_argument("--ckpt", default="ckpt.pt", help="checkpoint in --out that export reads (distil-mid writes distilled.pt)")
-    ap.add_argument("--window", type=int, default=16, help="distil-mid: the teacher's attention window in latent tokens")
+    ap.add_argument("--window", type=int, default=16,
+                    help="distil-mid: the teacher's attention window in latent tokens; check --windowed: the same")
+    ap.add_argument("--windowed", action="store_true", help="check: the decoder's mid attention on --window tiles")
     ap.add_argument("--dest", default="latentctl/weights/default.safetensors")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -333,7 +370,7 @@ def main():
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", torch.get_num_threads())))
-    {"train": train, "distil-mid": distil_mid, "export": export}[args.cmd](args)
+    {"train": train, "distil-mid": distil_mid, "check": check, "export": export}[args.cmd](args)
 
 
 if __name__ == "__main__":
