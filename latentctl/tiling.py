@@ -43,8 +43,15 @@ plus one tile's working set fit the budget, and the largest tile that fits. With
 input is held and the cost is one forward pass (+ 1-pixel halos); the tighter the budget, the more is
 recomputed (SD-VAE decode, planned compute vs untiled, halos included: 1024x1024 in half the untiled
 memory 1.07x; 2048x2048 in 1 GiB 6.8x; 4096x4096 in 2.75 GiB 4.8x, of which the whole-latent attention,
-alone as costly as all the convolutions there, is 1x; `TilePlan.describe()` tells for each call). The
-statistics are never estimated: estimates (from a downscaled image, from a sample of tiles, or refined by
+alone as costly as all the convolutions there, is 1x; `TilePlan.describe()` tells for each call).
+
+Where recomputing would cost more than a fifth extra, the held tensors above some size may instead live in
+spill files (spill.py: written once, tile by tile, read back by region, never resident in this process), in
+`spill` (default the system's temporary folder; at most half its free space). The planner prices each byte
+written or read as computation (SPILL_WRITE_MACS, SPILL_READ_MACS) and keeps the size threshold whose plan is
+cheapest: SD-VAE decode 2048x2048 in 1 GiB 1.39x instead of 6.8x (10 GiB on disk at most), 4096x4096 in
+2.75 GiB 1.26x instead of 4.8x (24 GiB), encode 4096x4096 1.14x instead of 2.0x. The statistics are never
+estimated: estimates (from a downscaled image, from a sample of tiles, or refined by
 fixed-point passes) were tried and came out 17 to 32 dB from untiled on SD-VAE weights, because an error
 in an early GroupNorm compounds through the next eighteen.
 
@@ -57,8 +64,10 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +77,7 @@ from .errors import UsageError
 from .modules.attention import AttnBlock, LinAttnBlock, NoAttn
 from .modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from .modules.blocks import Downsample, ResnetBlock, Upsample
+from .spill import SpilledTensor, free_bytes
 
 MODES = ("auto", "on", "off")
 
@@ -207,6 +217,7 @@ class _Net:
         self.shape.append((c, h, w))
         self.alive.append(tuple(stack))
         self.n = len(ops)
+        self.cache: dict = {}     # planning results that do not depend on the budget
 
     def size(self, p: int) -> tuple[int, int]:
         return self.shape[p][1:]
@@ -371,8 +382,13 @@ class GroupStats:
 
     @classmethod
     def of(cls, module: nn.GroupNorm, x: torch.Tensor) -> "GroupStats":
-        """Statistics of a whole held tensor."""
-        return cls(module, x.shape[0], x.device).add(x)
+        """Statistics of a whole held tensor (a spilled one read in bands of rows)."""
+        if not isinstance(x, SpilledTensor):
+            return cls(module, x.shape[0], x.device).add(x)
+        acc, rows = cls(module, x.shape[0], x.device), max(1, cls.BAND // x.shape[3])
+        for y in range(0, x.shape[2], rows):
+            acc.add(x[:, :, y:y + rows, :])
+        return acc
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (sample, group): mean and sqrt(biased variance + eps), float64."""
@@ -459,6 +475,7 @@ class Segment:
     memory: int = 0           # predicted bytes: held tensors at both ends + one tile's working set
     cost: float = 0.0         # multiply-adds, recomputation included
     room: int = 0             # global: bytes the op may use beyond its held input and output
+    spilled: int = 0          # bytes of the held tensors that are in spill files
 
 
 @dataclass
@@ -475,6 +492,8 @@ class TilePlan:
     peak: int = 0             # predicted peak activation bytes when tiled
     cost_ratio: float = 1.0   # predicted compute / untiled compute
     fits: bool = True         # False: no cut fits the budget; the one needing least memory is used
+    spill_over: int | None = None   # held tensors over this many bytes live in spill files (None: none)
+    spill_dir: str = ""
 
     @property
     def steps(self) -> int:
@@ -487,8 +506,10 @@ class TilePlan:
             return f"{head}: untiled (needs ~{_gb(self.estimate)} {rel} budget {_gb(self.budget)}; --tile {self.mode})"
         tiles = sorted({s.tile for s in self.segments if s.kind == "tiles"})
         over = "" if self.fits else " (OVER BUDGET: no cut fits; smallest used)"
+        disk = max((s.spilled for s in self.segments), default=0)
+        spill = f", up to {_gb(disk)} spilled to {self.spill_dir}" if disk else ""
         return (f"{head}: tiled, {len(self.segments)} segments, tiles {'/'.join(map(str, tiles))} px, "
-                f"~{_gb(self.peak)} of budget {_gb(self.budget)}{over} (untiled ~{_gb(self.estimate)}), "
+                f"~{_gb(self.peak)} of budget {_gb(self.budget)}{over} (untiled ~{_gb(self.estimate)}){spill}, "
                 f"compute {self.cost_ratio:.2f}x untiled")
 
 
@@ -497,6 +518,7 @@ def _gb(n: int) -> str:
 
 
 TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8)
+SPILL_WORTH = 0.8   # spill files are used only when they cut the planned computation by at least a fifth
 WORKSPACE = 2.0     # a conv's input and output tiles count this many times: oneDNN reorders, allocator slack
 
 
@@ -579,10 +601,32 @@ def _untiled_peak(net: _Net) -> int:
     return int((peak + c0 * h0 * w0) * net.batch * net.esize)
 
 
-def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple) -> tuple[list, float, bool]:
+# What a byte written to / read from a spill file costs, in multiply-adds of computation (planning only).
+# Measured on a 2-core CPU: convolutions ~50 G multiply-adds/s; writes ~0.3 GB/s (they reach the disk), reads of
+# recently written data ~1 GB/s.
+SPILL_WRITE_MACS = 160.0
+SPILL_READ_MACS = 50.0
+
+
+def _on_disk(net: _Net, p: int, j: int | None, over: int | None) -> bool:
+    """Whether a held tensor is spilled to disk when tensors over `over` bytes are (None: none are): the running
+    tensor at position p (j None) or the residual pushed at op j. Never the input, the output, or a global
+    op's input or output (attention needs them whole in memory)."""
+    if over is None:
+        return False
+    if j is not None:
+        return net.shape_bytes(j) > over
+    if p == 0 or p == net.n or net.ops[p].kind == "attn" or net.ops[p - 1].kind == "attn":
+        return False
+    return net.shape_bytes(p) > over
+
+
+def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple, over: int | None = None,
+                   disk: int = 0) -> tuple[list, float, bool]:
     """The cut of positions 0..n into held positions and segments with the least computation whose every
     segment fits the budget (dynamic programming); if none fits, the cut whose largest segment needs least.
-    Returns (segments, compute / untiled compute, fits)."""
+    Held tensors over `over` bytes live in spill files (their writes and reads priced as computation), at most
+    `disk` bytes at a time. Returns (segments, compute / untiled compute, fits)."""
     n = net.n
     cost = [net.op_cost(i) for i in range(n)]
     prefix = [0.0]
@@ -592,12 +636,26 @@ def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple)
     glob = [i for i, op in enumerate(net.ops) if op.kind == "attn"]
     probe = tile_px or 64           # memory of a segment is judged with tiles of this size
     inp = net.state_bytes(0)
+    tile_bytes = net.cache.setdefault(("tile_bytes", probe), {})
+
+    def ends(a, b):
+        """(memory, disk, bytes read per pass, bytes written) of the tensors held while streaming a -> b: both
+        ends (residuals they share counted once) and the input."""
+        mem, spilled, read, written = (inp if a > 0 else 0), 0, 0, 0
+        for p, j in [(a, None), (b, None)] + [(a, j) for j in sorted(set(net.alive[a]) | set(net.alive[b]))]:
+            nbytes = net.shape_bytes(p if j is None else j)
+            if not _on_disk(net, p, j, over):
+                mem += nbytes
+                continue
+            spilled += nbytes
+            if p == a and (j is None or j in net.alive[a]):
+                read += nbytes
+            else:
+                written += nbytes
+        return mem, spilled, read, written
 
     def held(a, b):
-        """Bytes held while streaming a -> b: both ends (residuals they share counted once) and the input."""
-        c, h, w = net.shape[b]
-        both = net.state_bytes(a, set(net.alive[a]) | set(net.alive[b])) + c * h * w * net.batch * net.esize
-        return both + (inp if a > 0 else 0)
+        return ends(a, b)[0]
 
     memo = {}
 
@@ -612,9 +670,13 @@ def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple)
                     memo[a, b] = cost[a], held(a, b) + extra
             else:
                 inside = [k for k in norms if a < k < b]
+                mem, spilled, read, written = ends(a, b)
+                io = SPILL_READ_MACS * read * (len(inside) + 1) + SPILL_WRITE_MACS * written
                 write = 4.0 * net.state_bytes(b) / net.esize   # among equal computations, hold less
-                compute = sum(prefix[k] - prefix[a] for k in inside) + prefix[b] - prefix[a] + write
-                memo[a, b] = compute, held(a, b) + _tile_bytes(net, a, b, probe, image_hw)
+                compute = sum(prefix[k] - prefix[a] for k in inside) + prefix[b] - prefix[a] + write + io
+                if (a, b) not in tile_bytes:
+                    tile_bytes[a, b] = _tile_bytes(net, a, b, probe, image_hw)
+                memo[a, b] = (compute, mem + tile_bytes[a, b]) if spilled <= disk else (math.inf, math.inf)
         return memo[a, b]
 
     def cheapest(limit):
@@ -640,6 +702,8 @@ def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple)
                 if seg is None:
                     break
                 floor[b] = min(floor[b], max(floor[a], seg[1]))
+        if floor[n] == math.inf:
+            return [], math.inf, False
         budget = int(floor[n])
         best = cheapest(budget)
     cuts, b = [], n
@@ -653,12 +717,15 @@ def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple)
         if net.ops[a].kind == "attn":
             segments.append(Segment(a, b, "global", 0, 1, mem, c, room=budget - held(a, b)))
             continue
-        tile = tile_px or _pick_tile(net, a, b, image_hw, budget - held(a, b))
+        mem, spilled, read, written = ends(a, b)
+        tile = tile_px or _pick_tile(net, a, b, image_hw, budget - mem)
         inside = [k for k in norms if a < k < b]
         steps = sum(len(_grid(net, k, tile, image_hw)) for k in inside) + len(_grid(net, b, tile, image_hw))
         c = sum(_pass_cost(net, a, k, tile, image_hw, False) for k in inside)
         c += _pass_cost(net, a, b, tile, image_hw, True)
-        segments.append(Segment(a, b, "tiles", tile, steps, held(a, b) + _tile_bytes(net, a, b, tile, image_hw), c))
+        c += SPILL_READ_MACS * read * (len(inside) + 1) + SPILL_WRITE_MACS * written
+        segments.append(Segment(a, b, "tiles", tile, steps, mem + _tile_bytes(net, a, b, tile, image_hw), c,
+                                spilled=spilled))
     return segments, sum(s.cost for s in segments) / (prefix[-1] or 1.0), fits
 
 
@@ -721,10 +788,12 @@ def should_tile(mode: str, estimate: int, budget: int) -> bool:
 
 
 def plan(vae: AutoencoderKL, shape: tuple, what: str, *, mode: str = "auto", budget: int | None = None,
-         tile_size: int | None = None, dtype: torch.dtype | None = None) -> TilePlan:
+         tile_size: int | None = None, dtype: torch.dtype | None = None, spill: str | Path | bool = True) -> TilePlan:
     """Whether and how to tile vae.encode / vae.decode of an input of `shape` within `budget` bytes of
     activations (None: default_budget for the model's device). tile_size: tile side in image pixels
-    (None: the largest that fits)."""
+    (None: the largest that fits). spill: a folder where whole activations that do not fit may be kept
+    instead of recomputed (True: the system's temporary folder; False: never), used only where that saves
+    at least a fifth of the computation, within half the folder's free space."""
     if tile_size is not None and tile_size < 1:
         raise UsageError(f"--tile-size {tile_size}: must be a positive number of pixels")
     if budget is not None and budget <= 0:
@@ -733,10 +802,20 @@ def plan(vae: AutoencoderKL, shape: tuple, what: str, *, mode: str = "auto", bud
     budget = default_budget(next(vae.parameters()).device) if budget is None else int(budget)
     estimate = _untiled_peak(net)
     p = TilePlan(what, tuple(shape), should_tile(mode, estimate, budget), mode, estimate, budget)
-    if p.tile:
-        image_hw = net.size(0) if what == "encode" else net.size(net.n)
-        p.segments, p.cost_ratio, p.fits = _plan_segments(net, budget, tile_size, image_hw)
-        p.peak = max(s.memory for s in p.segments)
+    if not p.tile:
+        return p
+    image_hw = net.size(0) if what == "encode" else net.size(net.n)
+    p.segments, p.cost_ratio, p.fits = _plan_segments(net, budget, tile_size, image_hw)
+    folder = tempfile.gettempdir() if spill is True else str(spill) if spill else ""
+    base = p.cost_ratio
+    if folder and SPILL_WORTH * base > 1.0:
+        disk = free_bytes(folder) // 2
+        sizes = sorted({net.shape_bytes(q) for q in range(net.n + 1)} | {0})
+        for over in sizes:     # spill every held tensor over `over` bytes; the cheapest such plan
+            segments, ratio, fits = _plan_segments(net, budget, tile_size, image_hw, over, disk)
+            if segments and fits >= p.fits and ratio < SPILL_WORTH * base and ratio < p.cost_ratio:
+                p.segments, p.cost_ratio, p.fits, p.spill_over, p.spill_dir = segments, ratio, fits, over, folder
+    p.peak = max(s.memory for s in p.segments)
     return p
 
 
@@ -752,8 +831,10 @@ class _State:
 class _Runner:
     """Runs a plan's segments, keeping each GroupNorm's statistics once known."""
 
-    def __init__(self, net: _Net, image_hw: tuple, budget: int, progress=None, total: int = 0):
+    def __init__(self, net: _Net, image_hw: tuple, budget: int, progress=None, total: int = 0,
+                 spill_over: int | None = None, spill_dir: str = ""):
         self.net, self.image_hw, self.budget = net, image_hw, budget
+        self.spill_over, self.spill_dir = spill_over, spill_dir
         self.progress, self.total, self.done = progress, total, 0
         self.stats: dict[int, GroupStats] = {}
 
@@ -803,33 +884,53 @@ class _Runner:
             self.tick()
         return acc
 
+    def _hold(self, p: int, j: int | None, like: torch.Tensor):
+        """An empty whole tensor for position p's running tensor (j None) or residual j: in memory, or in a spill
+        file when the plan says so."""
+        c, h, w = self.net.shape[p if j is None else j]
+        shape = (self.net.batch, c, h, w)
+        if _on_disk(self.net, p, j, self.spill_over):
+            return SpilledTensor(shape, like.dtype, like.device, self.spill_dir)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
     def final_pass(self, state: _State, a: int, b: int, tile_px: int) -> _State:
-        """The held state at b, tile by tile from the held state at a."""
+        """The held state at b, tile by tile from the held state at a (with the statistics of a GroupNorm at b,
+        summed from the same tiles)."""
         net = self.net
         grid = _grid(net, b, tile_px, self.image_hw)
         kept = {j: state.skips[j] for j in net.alive[b] if j < a}   # residuals held since before a
-        if len(grid) == 1:   # one tile is the whole image: keep its tensors as they come, no copies
+        new_keys = [j for j in net.alive[b] if j >= a]
+        norm = net.ops[b].module if b < net.n and net.ops[b].kind == "norm" and b not in self.stats else None
+        acc = GroupStats(norm, net.batch, None) if norm is not None else None
+        spills = any(_on_disk(net, b, j, self.spill_over) for j in [None] + new_keys)
+        if len(grid) == 1 and not spills:   # one tile is the whole image: keep its tensors as they come, no copies
             out, new = self.run_tile(state, a, b, grid[0], True)
+            if acc is not None:
+                self.stats[b] = acc.add(out)
             self.tick()
             return _State(out, {**kept, **new})
         running, new_skips = None, {}
         for core in grid:
             out, new = self.run_tile(state, a, b, core, True)
             if running is None:    # dtypes from the first tile: under autocast they are not the input's
-                running = torch.empty(net.batch, *net.shape[b], dtype=out.dtype, device=out.device)
-                new_skips = {j: torch.empty(net.batch, *net.shape[j], dtype=t.dtype, device=t.device)
-                             for j, t in new.items()}
+                running = self._hold(b, None, out)
+                new_skips = {j: self._hold(b, j, t) for j, t in new.items()}
             running[:, :, core[0]:core[1], core[2]:core[3]] = out
             for j, t in new.items():
                 new_skips[j][:, :, core[0]:core[1], core[2]:core[3]] = t
+            if acc is not None:
+                acc.add(out)
             del out, new
             self.tick()
+        if acc is not None:
+            self.stats[b] = acc
         return _State(running, {**kept, **new_skips})
 
     def segment(self, state: _State, seg: Segment) -> _State:
         net, a, b = self.net, seg.a, seg.b
-        if seg.kind == "global":
-            out = _global_attention(net.ops[a].module, state.running, seg.room)
+        if seg.kind == "global":    # its input is never spilled (_on_disk); whole() is a safeguard
+            x = state.running.whole() if isinstance(state.running, SpilledTensor) else state.running
+            out = _global_attention(net.ops[a].module, x, seg.room)
             self.tick()
             return _State(out, state.skips)
         if net.ops[a].kind == "norm" and a not in self.stats:
@@ -852,7 +953,8 @@ def _execute(vae: AutoencoderKL, x: torch.Tensor, what: str, tile_plan: TilePlan
     start = time.perf_counter()
     net = _net(vae, x.shape, what, None)
     image_hw = net.size(0) if what == "encode" else net.size(net.n)
-    runner = _Runner(net, image_hw, tile_plan.budget, progress, tile_plan.steps)
+    runner = _Runner(net, image_hw, tile_plan.budget, progress, tile_plan.steps, tile_plan.spill_over,
+                     tile_plan.spill_dir)
     state = _State(x, {})
     for seg in tile_plan.segments:
         state = runner.segment(state, seg)
@@ -865,31 +967,34 @@ def _execute(vae: AutoencoderKL, x: torch.Tensor, what: str, tile_plan: TilePlan
 @torch.no_grad()
 def tiled_encode(vae: AutoencoderKL, x: torch.Tensor, *, tile_size: int | None = None, budget: int | None = None,
                  tile_plan: TilePlan | None = None, return_moments: bool = False, progress=None,
-                 report: dict | None = None):
+                 report: dict | None = None, spill: str | Path | bool = True):
     """vae.encode(x) computed in tiles: images (B, 3, H, W) in [-1, 1] -> DiagonalGaussian (or its moments).
 
     tile_size: tile side in image pixels (None: the largest that fits); budget: bytes for activations (None:
     default_budget); tile_plan: a plan(..., mode="on") to follow instead; progress(done, total): called after
-    each tile pass; report: a dict to fill with what was done."""
-    tile_plan = tile_plan or plan(vae, tuple(x.shape), "encode", mode="on", budget=budget, tile_size=tile_size)
+    each tile pass; report: a dict to fill with what was done; spill: see plan."""
+    tile_plan = tile_plan or plan(vae, tuple(x.shape), "encode", mode="on", budget=budget, tile_size=tile_size,
+                                  spill=spill)
     moments = _execute(vae, x, "encode", tile_plan, progress, report)
     return moments if return_moments else DiagonalGaussian(moments)
 
 
 @torch.no_grad()
 def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile_size: int | None = None, budget: int | None = None,
-                 tile_plan: TilePlan | None = None, progress=None, report: dict | None = None) -> torch.Tensor:
+                 tile_plan: TilePlan | None = None, progress=None, report: dict | None = None,
+                 spill: str | Path | bool = True) -> torch.Tensor:
     """vae.decode(z) computed in tiles: raw latents (B, C, h, w) -> images (B, 3, 8h, 8w). Arguments: tiled_encode."""
-    tile_plan = tile_plan or plan(vae, tuple(z.shape), "decode", mode="on", budget=budget, tile_size=tile_size)
+    tile_plan = tile_plan or plan(vae, tuple(z.shape), "decode", mode="on", budget=budget, tile_size=tile_size,
+                                  spill=spill)
     return _execute(vae, z, "decode", tile_plan, progress, report)
 
 
 @torch.no_grad()
 def encode(vae: AutoencoderKL, x: torch.Tensor, *, mode: str = "auto", tile_size: int | None = None,
            budget: int | None = None, dtype: torch.dtype | None = None, progress=None,
-           report: dict | None = None) -> DiagonalGaussian:
+           report: dict | None = None, spill: str | Path | bool = True) -> DiagonalGaussian:
     """vae.encode(x), in tiles when `mode` says so (auto: when the untiled estimate exceeds the budget)."""
-    p = plan(vae, tuple(x.shape), "encode", mode=mode, budget=budget, tile_size=tile_size, dtype=dtype)
+    p = plan(vae, tuple(x.shape), "encode", mode=mode, budget=budget, tile_size=tile_size, dtype=dtype, spill=spill)
     if p.tile:
         return tiled_encode(vae, x, tile_plan=p, progress=progress, report=report)
     if report is not None:
@@ -900,9 +1005,9 @@ def encode(vae: AutoencoderKL, x: torch.Tensor, *, mode: str = "auto", tile_size
 @torch.no_grad()
 def decode(vae: AutoencoderKL, z: torch.Tensor, *, mode: str = "auto", tile_size: int | None = None,
            budget: int | None = None, dtype: torch.dtype | None = None, progress=None,
-           report: dict | None = None) -> torch.Tensor:
+           report: dict | None = None, spill: str | Path | bool = True) -> torch.Tensor:
     """vae.decode(z), in tiles when `mode` says so (auto: when the untiled estimate exceeds the budget)."""
-    p = plan(vae, tuple(z.shape), "decode", mode=mode, budget=budget, tile_size=tile_size, dtype=dtype)
+    p = plan(vae, tuple(z.shape), "decode", mode=mode, budget=budget, tile_size=tile_size, dtype=dtype, spill=spill)
     if p.tile:
         return tiled_decode(vae, z, tile_plan=p, progress=progress, report=report)
     if report is not None:

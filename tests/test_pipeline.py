@@ -188,6 +188,13 @@ def test_tiled_encode_decode_is_plugged_in(photos, models, tmp_path, capsys):
     assert diff.max() <= 2
 
 
+def test_spill_dir_must_be_a_folder(photos, models, tmp_path, capsys):
+    code, _, err = cli(capsys, "encode", photos / "odd.png", "-o", tmp_path / "out", "-w", models["tiny"],
+                       "--spill-dir", tmp_path / "missing")
+    assert code == 2 and "--spill-dir" in err and "not a folder" in err
+    assert not (tmp_path / "out").exists()
+
+
 # --- stores and seeds -------------------------------------------------------------------------------------------
 
 def test_stores_posterior_and_sample_are_reproducible_and_all_decode(photos, models, tmp_path, capsys):

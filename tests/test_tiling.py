@@ -88,16 +88,66 @@ def test_tight_budget_recomputes_statistics_and_stays_exact(vae):
     come from passes over all tiles, and the result still matches untiled."""
     z, x = latent(), image()
     budget = 600_000
-    p = tiling.plan(vae, z.shape, "decode", mode="on", budget=budget, tile_size=32)
-    assert p.cost_ratio > 1.2                      # recomputation happened
+    p = tiling.plan(vae, z.shape, "decode", mode="on", budget=budget, tile_size=32, spill=False)
+    assert p.cost_ratio > 1.2 and p.spill_over is None     # recomputation happened
     streamed = [s for s in p.segments if s.kind == "tiles"]
     assert any(vae_norms_inside(vae, "decode", z.shape, s) for s in streamed)
     with torch.no_grad():
         ref_img, ref_lat = vae.decode(z), vae.encode(x).mean
         got_img = tiling.tiled_decode(vae, z, tile_plan=p)
-        got_lat = tiling.tiled_encode(vae, x, tile_size=32, budget=budget).mean
+        got_lat = tiling.tiled_encode(vae, x, tile_size=32, budget=budget, spill=False).mean
     assert psnr(got_img, ref_img) > 90
     assert rel_l2(got_lat, ref_lat) < 1e-5
+
+
+def test_spill_files_replace_recomputation_and_stay_exact(vae, tmp_path, monkeypatch):
+    """The same tight budget with a spill folder: whole activations go to files instead of being recomputed,
+    the plan is cheaper, the result is still untiled's, and no file is ever visible in the folder."""
+    made, listed = [], []
+
+    class Counted(tiling.SpilledTensor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.nbytes)
+
+    monkeypatch.setattr(tiling, "SpilledTensor", Counted)
+    z, x = latent(), image()
+    kw = dict(mode="on", budget=600_000, tile_size=32)
+    recompute = tiling.plan(vae, z.shape, "decode", spill=False, **kw)
+    p = tiling.plan(vae, z.shape, "decode", spill=tmp_path, **kw)
+    assert p.spill_over is not None and "spilled to" in p.describe()
+    assert p.cost_ratio < tiling.SPILL_WORTH * recompute.cost_ratio
+    with torch.no_grad():
+        got = tiling.tiled_decode(vae, z, tile_plan=p, progress=lambda *_: listed.append(list(tmp_path.iterdir())))
+        assert psnr(got, vae.decode(z)) > 90
+    assert made and max(made) <= max(s.spilled for s in p.segments)
+    assert not any(listed) and not list(tmp_path.iterdir())      # unlinked at creation: nothing to leak
+    pe = tiling.plan(vae, (2, 3, 150, 200), "encode", spill=tmp_path, mode="on", budget=400_000, tile_size=32)
+    x = image(150, 200)
+    with torch.no_grad():
+        assert rel_l2(tiling.tiled_encode(vae, x, tile_plan=pe).mean, vae.encode(x).mean) < 1e-5
+
+
+def test_no_spill_without_disk_space(vae, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiling, "free_bytes", lambda folder: 0)
+    p = tiling.plan(vae, latent().shape, "decode", mode="on", budget=600_000, tile_size=32, spill=tmp_path)
+    assert p.spill_over is None and p.cost_ratio > 1.2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spilled_tensor_reads_and_writes_regions(tmp_path, dtype):
+    g = torch.Generator().manual_seed(6)
+    ref = torch.zeros(2, 5, 13, 17, dtype=dtype)
+    t = tiling.SpilledTensor(ref.shape, dtype, "cpu", tmp_path)
+    for y0, y1, x0, x1 in [(0, 13, 0, 17), (2, 9, 3, 11), (12, 13, 0, 17), (0, 4, 16, 17)]:
+        value = torch.randn(2, 5, y1 - y0, x1 - x0, generator=g).to(dtype)
+        t[:, :, y0:y1, x0:x1] = value
+        ref[:, :, y0:y1, x0:x1] = value
+    assert torch.equal(t.whole(), ref)
+    assert torch.equal(t[:, :, 1:12, 5:6], ref[:, :, 1:12, 5:6])
+    with pytest.raises(IndexError):
+        t[0]
+    t.close()
 
 
 def vae_norms_inside(vae, what, shape, seg):

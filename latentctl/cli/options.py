@@ -41,9 +41,13 @@ FailFast = typer.Option(False, "--fail-fast", help="Stop at the first input that
 Tile = typer.Option("auto", "--tile", help="Tiled encode/decode for large images: auto | on | off.")
 TileSize = typer.Option(None, "--tile-size", help="Tile side in pixels for --tile (default: chosen from memory).")
 MaxMemory = typer.Option(None, "--max-memory", help="Memory budget for --tile auto, e.g. 8G or 512M.")
+SpillDir = typer.Option(None, "--spill-dir", help="Folder where tiling may keep whole activations that do not fit "
+                                                  "--max-memory instead of recomputing them (default: the system "
+                                                  "temp folder; 'none': never).")
 ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
 __all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "FailFast",
            "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "Store", "Tile", "TileSize", "Weights", "Workers"]
+           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
+           "Store", "Tile", "TileSize", "Weights", "Workers"]

@@ -37,7 +37,18 @@ def _size_bytes(text: str | None) -> int | None:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
-def _options(*, device, dtype, batch_size, workers, tile, tile_size, max_memory, fail_fast, **extra) -> run.Options:
+def _spill(spill_dir: str | None) -> str | bool:
+    if spill_dir is None:
+        return True
+    if spill_dir.lower() == "none":
+        return False
+    if not Path(spill_dir).is_dir():
+        raise UsageError(f"--spill-dir {spill_dir}: not a folder")
+    return spill_dir
+
+
+def _options(*, device, dtype, batch_size, workers, tile, tile_size, max_memory, spill_dir, fail_fast,
+             **extra) -> run.Options:
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     if workers is not None and workers < 1:
@@ -48,7 +59,7 @@ def _options(*, device, dtype, batch_size, workers, tile, tile_size, max_memory,
         raise UsageError(f"--tile-size {tile_size}: must be at least 8 pixels")
     return run.Options(dtype=api.resolve_dtype(dtype, api.resolve_device(device)), batch_size=batch_size,
                        workers=workers or min(8, os.cpu_count() or 1), tile=tile, tile_size=tile_size,
-                       max_memory=_size_bytes(max_memory), fail_fast=fail_fast, **extra)
+                       max_memory=_size_bytes(max_memory), spill=_spill(spill_dir), fail_fast=fail_fast, **extra)
 
 
 def _image_options(*, store, seed, latent_dtype, resize, center_crop, alpha_background, max_pixels) -> dict:
@@ -169,10 +180,11 @@ def encode(inputs: list[str] = Inputs,
            center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
            max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           json: bool = opt.Json, quiet: bool = opt.Quiet):
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
     """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
-                       tile_size=tile_size, max_memory=max_memory, fail_fast=fail_fast, overwrite=overwrite,
+                       tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
+                       overwrite=overwrite,
                        **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels))
@@ -196,10 +208,11 @@ def decode(inputs: list[str] = Inputs,
            image_format: str = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           json: bool = opt.Json, quiet: bool = opt.Quiet):
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
     """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
-                       tile_size=tile_size, max_memory=max_memory, fail_fast=fail_fast, overwrite=overwrite,
+                       tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
+                       overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
     items = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
@@ -233,10 +246,12 @@ def roundtrip(inputs: list[str] = Inputs,
               center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
               max_pixels: int = opt.MaxPixels, image_format: str = opt.ImageFormat, quality: int = opt.Quality,
               fail_fast: bool = opt.FailFast, tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize,
-              max_memory: Optional[str] = opt.MaxMemory, json: bool = opt.Json, quiet: bool = opt.Quiet):
+              max_memory: Optional[str] = opt.MaxMemory, spill_dir: Optional[str] = opt.SpillDir,
+              json: bool = opt.Json, quiet: bool = opt.Quiet):
     """Encode then decode in memory: PSNR and SSIM per image and their mean (a table, or JSON lines)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
-                       tile_size=tile_size, max_memory=max_memory, fail_fast=fail_fast, overwrite=True,
+                       tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
+                       overwrite=True,
                        **_format(image_format, quality),
                        **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                                         center_crop=center_crop, alpha_background=alpha_background,

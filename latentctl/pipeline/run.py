@@ -58,6 +58,7 @@ class Options:
     tile: str = "auto"                      # auto | on | off  (see encode_batch)
     tile_size: int | None = None            # image pixels; None: the largest that fits
     max_memory: int | None = None           # bytes for activations; None: tiling's default budget
+    spill: str | bool = True                # tiling's spill folder (True: the temp folder; False: none)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> Diago
     Tiled when options.tile says so (auto: when the untiled batch would not fit options.max_memory)."""
     with torch.inference_mode(), _autocast(vae, options):
         posterior = tiling.encode(vae, x, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
-                                  dtype=options.dtype)
+                                  dtype=options.dtype, spill=options.spill)
     return DiagonalGaussian(torch.cat([posterior.mean.float(), posterior.logvar.float()], dim=1))
 
 
@@ -126,7 +127,7 @@ def decode_batch(vae: AutoencoderKL, z: torch.Tensor, options: Options) -> torch
     """Raw latents (B, C, h, w) -> images (B, 3, H, W), float32, about [-1, 1] (not clamped). Tiled as encode_batch."""
     with torch.inference_mode(), _autocast(vae, options):
         return tiling.decode(vae, z, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
-                             dtype=options.dtype).float()
+                             dtype=options.dtype, spill=options.spill).float()
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
