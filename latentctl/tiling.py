@@ -792,8 +792,8 @@ def plan(vae: AutoencoderKL, shape: tuple, what: str, *, mode: str = "auto", bud
     """Whether and how to tile vae.encode / vae.decode of an input of `shape` within `budget` bytes of
     activations (None: default_budget for the model's device). tile_size: tile side in image pixels
     (None: the largest that fits). spill: a folder where whole activations that do not fit may be kept
-    instead of recomputed (True: the system's temporary folder; False: never), used only where that saves
-    at least a fifth of the computation, within half the folder's free space."""
+    instead of recomputed (True: the system's temporary folder on CPU, none on a GPU; False: never), used
+    only where that saves at least a fifth of the computation, within half the folder's free space."""
     if tile_size is not None and tile_size < 1:
         raise UsageError(f"--tile-size {tile_size}: must be a positive number of pixels")
     if budget is not None and budget <= 0:
@@ -806,7 +806,8 @@ def plan(vae: AutoencoderKL, shape: tuple, what: str, *, mode: str = "auto", bud
         return p
     image_hw = net.size(0) if what == "encode" else net.size(net.n)
     p.segments, p.cost_ratio, p.fits = _plan_segments(net, budget, tile_size, image_hw)
-    folder = tempfile.gettempdir() if spill is True else str(spill) if spill else ""
+    on_cpu = next(vae.parameters()).device.type == "cpu"   # a GPU recomputes far faster than a disk keeps up
+    folder = (tempfile.gettempdir() if on_cpu else "") if spill is True else str(spill) if spill else ""
     base = p.cost_ratio
     if folder and SPILL_WORTH * base > 1.0:
         disk = free_bytes(folder) // 2
