@@ -87,8 +87,9 @@ def load(model: str | None = "default", *, weights: str | Path | None = None, de
             raise WeightsError(f"{path}: sha256 {sha[:12]}… does not match models.toml's {entry.sha256[:12]}… "
                                f"for model {entry.name!r} (corrupt or replaced file)")
         overrides = {}
-        if entry is not None:
-            overrides = {"scaling_factor": entry.scaling_factor, "shift_factor": entry.shift_factor}
+        if entry is not None:   # what the entry says beyond the weights: the latent scale, the attention window
+            overrides = {"scaling_factor": entry.scaling_factor, "shift_factor": entry.shift_factor,
+                         "attn_window": entry.config().attn_window}
         vae = load_autoencoder(path, **overrides)
         if entry is not None and entry.arch:
             want, got = entry.config(), vae.config

@@ -25,7 +25,7 @@ def conv_flops(conv: nn.Conv2d, out: torch.Tensor) -> int:
 
 
 def count_module_flops(model: nn.Module, run) -> int:
-    """FLOPs of `run()` over `model`: blocks with a `flops(batch, tokens)` method count themselves whole
+    """FLOPs of `run()` over `model`: blocks with a `flops(batch, h, w)` method count themselves whole
     (their inner layers are not hooked), every other Conv2d and Linear by its output shape."""
     total = 0
     self_counting = [m for m in model.modules() if callable(getattr(m, "flops", None))]
@@ -34,7 +34,7 @@ def count_module_flops(model: nn.Module, run) -> int:
     def on_block(module, args, out):
         nonlocal total
         b, _, h, w = args[0].shape
-        total += module.flops(b, h * w)
+        total += module.flops(b, h, w)
 
     def on_layer(module, args, out):
         nonlocal total

@@ -19,7 +19,7 @@ from .errors import ModelError, WeightsError
 from .modules import AEConfig
 
 PACKAGE_MODELS = Path(__file__).with_name("models.toml")
-ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "quant_conv", "mid_attn")
+ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "quant_conv", "mid_attn", "attn_window")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class ModelEntry:
         return AEConfig(ch=int(a.get("ch", 128)), ch_mult=tuple(a.get("ch_mult", (1, 2, 4, 4))),
                         num_res_blocks=int(a.get("num_res_blocks", 2)), z_channels=z, embed_dim=z,
                         mid_attn=a.get("mid_attn", "vanilla"), use_quant_conv=quant, use_post_quant_conv=quant,
+                        attn_window=int(a.get("attn_window", 0)),
                         scaling_factor=self.scaling_factor, shift_factor=self.shift_factor)
 
 

@@ -430,8 +430,8 @@ def _global_attention(block: nn.Module, x: torch.Tensor, room: int) -> torch.Ten
     the same computation in query chunks against all keys and values (held: 2 more copies of x)."""
     b, c, h, w = x.shape
     nbytes = x.numel() * x.element_size()
-    if type(block) is not AttnBlock or _attention_whole(nbytes, room):
-        return block(x)
+    if type(block) is not AttnBlock or block.window or _attention_whole(nbytes, room):
+        return block(x)     # a windowed block needs only one window's room
     stats = GroupStats.of(block.norm, x)
 
     def project(conv, rows):  # as AttnBlock does it: the 1x1 conv as a linear map on (B, N, C) tokens

@@ -231,10 +231,10 @@ def windowed(attn: torch.nn.Module, window: int):
     return forward
 
 
-def load_model(path: Path, which: str) -> tuple[AutoencoderKL, dict]:
+def load_model(path: Path, which: str, attn_window: int = 0) -> tuple[AutoencoderKL, dict]:
     """An inference model with the `which` weights ("ema" or "model") of a checkpoint written here, and the checkpoint."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = AutoencoderKL(AEConfig(**ARCH)).eval().requires_grad_(False)
+    model = AutoencoderKL(AEConfig(**ARCH, attn_window=attn_window)).eval().requires_grad_(False)
     model.load_state_dict(state[which])
     return model, state
 
@@ -293,7 +293,7 @@ def check(args):
     """Whole training photos through a checkpoint, PSNR against the bicubic 8x reference: how the model does on
     whole images rather than crops, without looking at the held-out photos. Photos are cropped to multiples of
     128 (halved first when larger than 600x800). --windowed: the decoder's mid attention on --window tiles."""
-    model, state = load_model(Path(args.out) / args.ckpt, args.export_from)
+    model, state = load_model(Path(args.out) / args.ckpt, args.export_from, args.attn_window)
     if args.windowed:
         model.decoder.mid.attn_1.forward = windowed(model.decoder.mid.attn_1, args.window)
     margins = []
@@ -322,7 +322,7 @@ def export(args):
 
     from safetensors.torch import save_file
 
-    model, state = load_model(Path(args.out) / args.ckpt, args.export_from)
+    model, state = load_model(Path(args.out) / args.ckpt, args.export_from, args.attn_window)
     zs = []
     for p in load_photos():
         h, w = (s // 8 * 8 for s in p.shape[1:])
@@ -348,6 +348,9 @@ def main():
     ap.add_argument("--window", type=int, default=16,
                     help="distil-mid: the teacher's attention window in latent tokens; check --windowed: the same")
     ap.add_argument("--windowed", action="store_true", help="check: the decoder's mid attention on --window tiles")
+    ap.add_argument("--attn-window", type=int, default=0,
+                    help="check, export: every attention block on tiles of this many latent pixels a side, as "
+                         "models.toml's attn_window runs them (0: whole)")
     ap.add_argument("--dest", default="latentctl/weights/default.safetensors")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)

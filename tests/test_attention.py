@@ -41,6 +41,41 @@ def test_sdpa_block_matches_original_block():
         torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-5)
 
 
+def test_windowed_block_is_the_original_block_on_each_tile():
+    """window=W: the whole block (its GroupNorm included) on each W x W tile as if it were the image; the far
+    tiles are smaller. Checked against the written-out original block on crops, and FLOPs per tile."""
+    torch.manual_seed(1)
+    block = AttnBlock(32).eval()
+    x = torch.randn(2, 32, 11, 9)
+    with torch.inference_mode():
+        whole = block(x)
+        block.window = 4
+        out = block(x)
+        for y0, x0 in [(0, 0), (4, 4), (8, 8), (8, 0)]:     # interior, last row, corner (3 x 1), left edge
+            crop = x[:, :, y0:y0 + 4, x0:x0 + 4]
+            torch.testing.assert_close(out[:, :, y0:y0 + 4, x0:x0 + 4], original_attn_block(block, crop),
+                                       atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out, whole, atol=1e-3)
+        small = x[:, :, :4, :3]       # no larger than a window: the global block
+        torch.testing.assert_close(block(small), original_attn_block(block, small), atol=1e-5, rtol=1e-5)
+    tiles = [(4, 4)] * 4 + [(4, 1)] * 2 + [(3, 4)] * 2 + [(3, 1)]
+    windowed = block.flops(2, 11, 9)
+    block.window = 0
+    assert windowed == sum(block.flops(2, h, w) for h, w in tiles) < block.flops(2, 11, 9)
+
+
+def test_attn_window_comes_from_models_toml(tmp_path):
+    from latentctl.registry import get_entry
+
+    assert get_entry("default").config().attn_window == 32
+    vae, _ = load()
+    assert {m.window for m in vae.modules() if isinstance(m, AttnBlock)} == {32}
+    toml = tmp_path / "models.toml"
+    toml.write_text('[w8]\nch = 32\nch_mult = [1, 2]\nnum_res_blocks = 1\nattn_window = 8\n')
+    vae, _ = load("w8", models_file=toml, random_weights=True)
+    assert {m.window for m in vae.modules() if isinstance(m, AttnBlock)} == {8}
+
+
 def test_linear_attention_is_first_order_in_the_logits():
     """Halving every logit q.k/sqrt(C) quarters the error of the linear backend: the error is O(s^2), so the
     approximation is exact in the limit of small logits."""

@@ -22,7 +22,7 @@ def test_default_model_is_shipped_with_its_hash():
     assert sha256_file(entry.path) == entry.sha256
     vae, info = latentctl.load()
     c = vae.config
-    assert (c.factor, c.latent_channels, c.mid_attn) == (8, 4, "vanilla")
+    assert (c.factor, c.latent_channels, c.mid_attn, c.attn_window) == (8, 4, "vanilla", 32)
     assert info.name == "default" and info.weights_sha256 == entry.sha256
 
 

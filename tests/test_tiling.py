@@ -229,6 +229,7 @@ def test_bad_arguments(vae):
     dict(z_channels=16, embed_dim=16, use_quant_conv=False, use_post_quant_conv=False),   # SD3 / FLUX layout
     dict(mid_attn="none"),                                                                 # CogView4 layout
     dict(attn_resolutions=(32,), resolution=64),     # attention inside a level: global, on a held tensor
+    dict(attn_window=3),                             # attention on 3x3-latent tiles (the default model: 32)
 ])
 def test_other_layouts_match(kw):
     vae = tiny(seed=3, **kw)

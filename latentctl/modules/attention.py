@@ -88,7 +88,11 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 class AttnBlock(nn.Module):
-    """x + proj_out(attention(norm(x))): single-head self-attention over all H*W positions."""
+    """x + proj_out(attention(norm(x))): single-head self-attention over all H*W positions, or, with `window`,
+    the whole block run separately on window x window tiles, as if each tile were the image: how a model
+    trained on crops sees a large image the way it saw its crops (and in time linear in the image area)."""
+
+    window: int = 0     # 0: global
 
     def __init__(self, channels: int, backend: str = "sdpa"):
         super().__init__()
@@ -111,6 +115,14 @@ class AttnBlock(nn.Module):
         return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window and (x.shape[2] > self.window or x.shape[3] > self.window):
+            out = torch.empty_like(x)
+            for (y0, y1, x0, x1) in windows(x.shape[2], x.shape[3], self.window):
+                out[:, :, y0:y1, x0:x1] = self._block(x[:, :, y0:y1, x0:x1])
+            return out
+        return self._block(x)
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = _to_tokens(self.norm(x))
         q, k, v = (self._project(p, y) for p in (self.q, self.k, self.v))  # each (B, HW, C)
@@ -120,13 +132,20 @@ class AttnBlock(nn.Module):
         out = self._project(self.proj_out, out)  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)  # the sum takes x's memory format
 
-    def flops(self, batch: int, tokens: int) -> int:
-        """Multiply-adds x 2 for `batch` images of `tokens` positions: 4 projections plus the attention itself."""
-        c = self.q.out_channels
+    def flops(self, batch: int, h: int, w: int) -> int:
+        """Multiply-adds x 2 for `batch` images of h x w positions: 4 projections plus the attention itself."""
+        if self.window and (h > self.window or w > self.window):
+            return sum(self.flops(batch, y1 - y0, x1 - x0) for y0, y1, x0, x1 in windows(h, w, self.window))
+        c, tokens = self.q.out_channels, h * w
         proj = 4 * 2 * tokens * c * c
         # softmax: q k^T and weights @ v, each N x N x C; linear: K_c^T V and q @ context, each N x C x C.
         core = 2 * 2 * tokens * (c * c if self.backend == "linear" else tokens * c)
         return batch * (proj + core)
+
+
+def windows(h: int, w: int, size: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of the size x size tiles covering h x w from the top left (smaller at the far edges)."""
+    return [(y, min(y + size, h), x, min(x + size, w)) for y in range(0, h, size) for x in range(0, w, size)]
 
 
 class LinAttnBlock(nn.Module):
@@ -148,9 +167,9 @@ class LinAttnBlock(nn.Module):
         out = (context.transpose(1, 2) @ q).reshape(b, c, h, w)
         return self.to_out(out)
 
-    def flops(self, batch: int, tokens: int) -> int:
+    def flops(self, batch: int, h: int, w: int) -> int:
         """Multiply-adds x 2: to_qkv (3 C^2 per position), to_out (C^2), and two N x C x C products."""
-        c = self.to_out.out_channels
+        c, tokens = self.to_out.out_channels, h * w
         return batch * 2 * tokens * c * c * (3 + 1 + 2)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import make_attn
+from .attention import AttnBlock, make_attn
 from .blocks import Downsample, Normalize, ResnetBlock, Upsample, norm_swish
 
 
@@ -182,6 +182,7 @@ class AEConfig:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     attn_backend: str = "sdpa"          # how softmax attention computes; independent of the weights
+    attn_window: int = 0                # attention blocks run on tiles of this many latent pixels a side (0: whole)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -207,6 +208,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_ch=c.out_ch, **shape)
         self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1) if c.use_post_quant_conv else None
+        for m in self.modules():
+            if isinstance(m, AttnBlock):
+                m.window = c.attn_window
 
     def set_attn_backend(self, backend: str) -> None:
         for m in self.modules():
