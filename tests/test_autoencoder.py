@@ -160,3 +160,20 @@ def test_subpixel_upsample_equals_nearest_then_conv():
             assert got.shape == want.shape and (got - want).abs().max() < 1e-5
     x.requires_grad_(True)
     assert torch.equal(up(x), up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))  # training path unchanged
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (17, 16), (16, 17), (17, 17), (3, 4), (2, 2)])
+def test_unpadded_downsample_equals_pad_then_conv(h, w):
+    """Inference runs Downsample without the padded copy of its input; it must equal the original pad + conv."""
+    import torch.nn.functional as F
+
+    from latentctl.modules import Downsample
+
+    torch.manual_seed(0)
+    down = Downsample(8)
+    x = torch.randn(2, 8, h, w)
+    want = down.conv(F.pad(x, (0, 1, 0, 1)))
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = down(inp)
+            assert got.shape == want.shape and (got - want).abs().max() < 1e-6

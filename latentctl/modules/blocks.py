@@ -77,9 +77,23 @@ class Downsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_conv:
+        if not self.with_conv:
+            return F.avg_pool2d(x, 2, 2)
+        if torch.is_grad_enabled() or min(x.shape[2:]) < 3:
             return self.conv(F.pad(x, (0, 1, 0, 1)))
-        return F.avg_pool2d(x, 2, 2)
+        return self.unpadded_forward(x)
+
+    def unpadded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same result without copying the whole input into a padded tensor (at full resolution that copy
+        costs as much as a third of the conv): only the last output row and column read the pad, and only when
+        the side is even; they are computed from the last two input rows / columns and appended."""
+        h, w = x.shape[2:]
+        y = self.conv(x)
+        if w % 2 == 0:
+            y = torch.cat([y, self.conv(F.pad(x[:, :, :, w - 2:], (0, 1, 0, 0)))], dim=3)
+        if h % 2 == 0:
+            y = torch.cat([y, self.conv(F.pad(x[:, :, h - 2:], (0, 1, 0, 1)))], dim=2)
+        return y
 
 
 class Upsample(nn.Module):
@@ -108,7 +122,7 @@ class Upsample(nn.Module):
         """
         b, c, h, w = x.shape
         weight = self._phase_weight(x.dtype)
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, self.conv.bias.repeat(4).to(x.dtype))  # (B, 4C, H+1, W+1)
+        y = F.conv2d(x, weight, self.conv.bias.repeat(4).to(x.dtype), padding=1)  # (B, 4C, H+1, W+1)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         out = torch.empty(b, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
