@@ -1,10 +1,12 @@
 """Quality of the shipped default model on photos it never saw, against the bicubic 8x reference.
 
-    python benchmarks/default_quality.py [--weights PATH] [--out docs/quality]
+    python benchmarks/default_quality.py [--weights PATH] [--out docs/quality] [--speed-repeats 9]
 
 Held-out photos: scikit-learn's china.jpg and flower.jpg, matplotlib's grace_hopper.jpg (needs
 scikit-learn and matplotlib installed; they are used for evaluation only, never for training).
 Reference: bicubic downscale by 8 then upscale (3 numbers per 8x8 block; the latent keeps 4).
+Speed: encode + decode of a 512x512 image as the commands run it (the model as `latentctl.load` gives it, on
+this CPU with torch's default threads), median of --speed-repeats after a warm-up; the aim is <= 1 s.
 """
 
 import argparse
@@ -50,10 +52,28 @@ def reconstruct(vae, img: np.ndarray) -> np.ndarray:
     return ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
 
 
+@torch.no_grad()
+def speed(vae, img: np.ndarray, repeats: int) -> bool:
+    x = torch.from_numpy(np.array(img[:512, :512])).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.nn.functional.pad(x, (0, 512 - x.shape[3], 0, 512 - x.shape[2]), mode="reflect")
+    x = x.contiguous(memory_format=torch.channels_last)
+    vae.decode(vae.encode(x).mean)                  # warm-up: oneDNN picks its kernels on the first call
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        vae.decode(vae.encode(x).mean)
+        times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    print(f"encode + decode 512x512: median {med:.3f} s (min {min(times):.3f}, max {max(times):.3f}; "
+          f"{repeats} runs, {torch.get_num_threads()} threads; aim <= 1 s): {'PASS' if med <= 1.0 else 'FAIL'}")
+    return med <= 1.0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=None)
     ap.add_argument("--out", default=None, help="folder for side-by-side pictures (original | reconstruction | error)")
+    ap.add_argument("--speed-repeats", type=int, default=9, help="timed encode+decode runs at 512x512 (0: skip)")
     args = ap.parse_args()
     vae, info = latentctl.load("default", weights=args.weights)
     rows = []
@@ -76,7 +96,8 @@ def main():
     ok = all(r["margin"] > 0 for r in rows) and mean_margin >= 1.5
     print(f"mean margin over bicubic 8x: {mean_margin:+.2f} dB (required: every photo > 0, mean >= +1.5): "
           f"{'PASS' if ok else 'FAIL'}")
-    sys.exit(0 if ok else 1)
+    fast = speed(vae, held_out()["china"], args.speed_repeats) if args.speed_repeats > 0 else True
+    sys.exit(0 if ok and fast else 1)
 
 
 if __name__ == "__main__":

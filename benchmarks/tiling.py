@@ -330,9 +330,9 @@ def main():
     ap.add_argument("--tile", type=int, default=256, help="tile side in image pixels (seams, cost)")
     ap.add_argument("--budget-fraction", type=float, default=0.5,
                     help="seams: the tiled runs get this fraction of the untiled memory estimate")
-    ap.add_argument("--budget-2048", type=parse_bytes, default=parse_bytes("1G"),
+    ap.add_argument("--budget-2048", type=parse_bytes, default=parse_bytes("0.75G"),
                     help="activation budget of the 2048x2048 memory run")
-    ap.add_argument("--budget-4096", type=parse_bytes, default=parse_bytes("2.75G"),
+    ap.add_argument("--budget-4096", type=parse_bytes, default=parse_bytes("2.25G"),
                     help="activation budget of the 4096x4096 memory runs")
     ap.add_argument("--budget-large", type=parse_bytes, default=parse_bytes("3G"), help="budget of --large runs")
     ap.add_argument("--memory-runs", nargs="+", default=MEMORY_RUNS, choices=MEMORY_RUNS,
