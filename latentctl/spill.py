@@ -97,9 +97,5 @@ class SpilledTensor:
         for i, r, n, offset in self._chunks(y0, y1, x0, x1):
             _write_all(self._file.fileno(), raw[i, r:r + n], offset)
 
-    def whole(self) -> torch.Tensor:
-        """The whole tensor in memory (channels-last)."""
-        return self[:, :, :, :]
-
     def close(self):
         self._file.close()

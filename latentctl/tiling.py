@@ -382,13 +382,8 @@ class GroupStats:
 
     @classmethod
     def of(cls, module: nn.GroupNorm, x: torch.Tensor) -> "GroupStats":
-        """Statistics of a whole held tensor (a spilled one read in bands of rows)."""
-        if not isinstance(x, SpilledTensor):
-            return cls(module, x.shape[0], x.device).add(x)
-        acc, rows = cls(module, x.shape[0], x.device), max(1, cls.BAND // x.shape[3])
-        for y in range(0, x.shape[2], rows):
-            acc.add(x[:, :, y:y + rows, :])
-        return acc
+        """Statistics of a whole held tensor in memory (a spilled one's are summed as its tiles are written)."""
+        return cls(module, x.shape[0], x.device).add(x)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (sample, group): mean and sqrt(biased variance + eps), float64."""
@@ -608,6 +603,11 @@ SPILL_WRITE_MACS = 160.0
 SPILL_READ_MACS = 50.0
 
 
+def _spill_io(read: int, written: int, passes: int) -> float:
+    """Spill I/O of a segment as multiply-adds: the held tensors read once per pass, the new ones written once."""
+    return SPILL_READ_MACS * read * passes + SPILL_WRITE_MACS * written
+
+
 def _on_disk(net: _Net, p: int, j: int | None, over: int | None) -> bool:
     """Whether a held tensor is spilled to disk when tensors over `over` bytes are (None: none are): the running
     tensor at position p (j None) or the residual pushed at op j. Never the input, the output, or a global
@@ -671,7 +671,7 @@ def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple,
             else:
                 inside = [k for k in norms if a < k < b]
                 mem, spilled, read, written = ends(a, b)
-                io = SPILL_READ_MACS * read * (len(inside) + 1) + SPILL_WRITE_MACS * written
+                io = _spill_io(read, written, len(inside) + 1)
                 write = 4.0 * net.state_bytes(b) / net.esize   # among equal computations, hold less
                 compute = sum(prefix[k] - prefix[a] for k in inside) + prefix[b] - prefix[a] + write + io
                 if (a, b) not in tile_bytes:
@@ -723,7 +723,7 @@ def _plan_segments(net: _Net, budget: int, tile_px: int | None, image_hw: tuple,
         steps = sum(len(_grid(net, k, tile, image_hw)) for k in inside) + len(_grid(net, b, tile, image_hw))
         c = sum(_pass_cost(net, a, k, tile, image_hw, False) for k in inside)
         c += _pass_cost(net, a, b, tile, image_hw, True)
-        c += SPILL_READ_MACS * read * (len(inside) + 1) + SPILL_WRITE_MACS * written
+        c += _spill_io(read, written, len(inside) + 1)
         segments.append(Segment(a, b, "tiles", tile, steps, mem + _tile_bytes(net, a, b, tile, image_hw), c,
                                 spilled=spilled))
     return segments, sum(s.cost for s in segments) / (prefix[-1] or 1.0), fits
@@ -929,9 +929,8 @@ class _Runner:
 
     def segment(self, state: _State, seg: Segment) -> _State:
         net, a, b = self.net, seg.a, seg.b
-        if seg.kind == "global":    # its input is never spilled (_on_disk); whole() is a safeguard
-            x = state.running.whole() if isinstance(state.running, SpilledTensor) else state.running
-            out = _global_attention(net.ops[a].module, x, seg.room)
+        if seg.kind == "global":    # its input is never spilled (_on_disk)
+            out = _global_attention(net.ops[a].module, state.running, seg.room)
             self.tick()
             return _State(out, state.skips)
         if net.ops[a].kind == "norm" and a not in self.stats:
