@@ -76,8 +76,8 @@ def main():
     ap.add_argument("--speed-repeats", type=int, default=9, help="timed encode+decode runs at 512x512 (0: skip)")
     args = ap.parse_args()
     vae, info = latentctl.load("default", weights=args.weights)
-    rows = []
-    for name, img in held_out().items():
+    rows, photos = [], held_out()
+    for name, img in photos.items():
         t = time.time()
         rec = reconstruct(vae, img)
         row = {"image": name, "size": f"{img.shape[1]}x{img.shape[0]}", "psnr": round(psnr(img, rec), 2),
@@ -96,7 +96,7 @@ def main():
     ok = all(r["margin"] > 0 for r in rows) and mean_margin >= 1.5
     print(f"mean margin over bicubic 8x: {mean_margin:+.2f} dB (required: every photo > 0, mean >= +1.5): "
           f"{'PASS' if ok else 'FAIL'}")
-    fast = speed(vae, held_out()["china"], args.speed_repeats) if args.speed_repeats > 0 else True
+    fast = speed(vae, photos["china"], args.speed_repeats) if args.speed_repeats > 0 else True
     sys.exit(0 if ok and fast else 1)
 
 
