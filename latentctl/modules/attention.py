@@ -125,7 +125,8 @@ class AttnBlock(nn.Module):
     def _block(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = _to_tokens(self.norm(x))
-        q, k, v = (self._project(p, y) for p in (self.q, self.k, self.v))  # each (B, HW, C)
+        # each (B, HW, C); no generator here: `del` of a variable a closure captured stops torch.compile's tracing
+        q, k, v = self._project(self.q, y), self._project(self.k, y), self._project(self.v, y)
         del y  # each dropped (B, HW, C) is 128 MiB at 2048x2048: the peak here is what bounds image size
         out = self.attend(q, k, v)
         del q, k, v

@@ -96,6 +96,18 @@ class Downsample(nn.Module):
         return y
 
 
+def fold_phases(w: torch.Tensor) -> torch.Tensor:
+    """A 3x3 conv weight (C, C, 3, 3) -> the four 2x2 phase weights (4C, C, 2, 2) of Upsample.subpixel_forward."""
+    # rows: output parity 0 reads input rows (a-1, a) with taps (0, 1+2); parity 1 reads (a, a+1) with (0+1, 2)
+    fold = [[[0], [1, 2]], [[0, 1], [2]]]
+    phases = []
+    for py in (0, 1):
+        rows = torch.stack([w[:, :, r].sum(2) for r in fold[py]], dim=2)  # (C, C, 2, 3)
+        for px in (0, 1):
+            phases.append(torch.stack([rows[..., k].sum(-1) for k in fold[px]], dim=3))  # (C, C, 2, 2)
+    return torch.cat(phases)
+
+
 class Upsample(nn.Module):
     """Double H and W: nearest neighbour, then an optional 3x3 conv."""
 
@@ -132,18 +144,13 @@ class Upsample(nn.Module):
 
     def _phase_weight(self, dtype) -> torch.Tensor:
         w = self.conv.weight
+        if torch.compiler.is_compiling():  # traced into the graph (constant-folded when weights are frozen)
+            return fold_phases(w).to(dtype)
         try:
             version = w._version  # changes on in-place updates (optimizer steps, load_state_dict)
         except RuntimeError:  # inference-mode tensors have no version counter
             version = -1
         key = (w.data_ptr(), version, dtype)
         if getattr(self, "_phase_cache", (None,))[0] != key:
-            # rows: output parity 0 reads input rows (a-1, a) with taps (0, 1+2); parity 1 reads (a, a+1) with (0+1, 2)
-            fold = [[[0], [1, 2]], [[0, 1], [2]]]
-            phases = []
-            for py in (0, 1):
-                rows = torch.stack([w[:, :, r].sum(2) for r in fold[py]], dim=2)  # (C, C, 2, 3)
-                for px in (0, 1):
-                    phases.append(torch.stack([rows[..., k].sum(-1) for k in fold[px]], dim=3))  # (C, C, 2, 2)
-            self._phase_cache = (key, torch.cat(phases).to(dtype))
+            self._phase_cache = (key, fold_phases(w).to(dtype))
         return self._phase_cache[1]
