@@ -10,6 +10,9 @@
    through latentctl.bench (the code behind `latentctl bench`). Batch 8 at 512, 2 at 1024.
    Roofline fraction = achieved FLOP/s (latentctl.flops count, 2 per multiply-add) / 790 TFLOP/s, the
    bf16 dense matmul rate measured on an H200 here.
+3. The batching target: bf16 encode at 512, batch 1 and 4 timed in alternation (performance.py's code).
+4. torch.compile against eager, bf16 at 512 batch 8 (fusing GroupNorm, swish and the adds is where a GPU,
+   unlike a CPU, could gain), unless the run is past --extra-budget-s.
 Prints a compact table; writes JSON to $OUT/gpu_check.json when OUT is set (after every row, so a run
 cut short keeps what it measured). Stops starting new cases after --budget-s seconds.
 """
@@ -29,6 +32,7 @@ import latentctl  # noqa: E402
 from latentctl import bench  # noqa: E402
 from latentctl.errors import BackendUnavailable  # noqa: E402
 from latentctl.modules.attention import check_backend, sdpa_attention, xformers_attention  # noqa: E402
+from performance import batch_images_per_s, compiled_vs_eager  # noqa: E402  (this folder: sys.path[0])
 
 ROOFLINE = 790e12
 BATCH = {512: 8, 1024: 2}
@@ -63,6 +67,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=150.0, help="start no new case after this many seconds")
+    ap.add_argument("--extra-budget-s", type=float, default=300.0,
+                    help="start neither the batching nor the torch.compile part after this many seconds")
     args = ap.parse_args()
     t0 = time.time()
     out_dir = os.environ.get("OUT")
@@ -114,6 +120,16 @@ def main() -> None:
                         print(f"{what:6} {size:>4} {r['status']}: {r['reason']}", flush=True)
                 report["rows"] += rows
                 save()
+    bf16 = bench.prepare(vae, torch.bfloat16)
+    if time.time() - t0 < args.extra_budget_s:
+        with torch.inference_mode():
+            ips = batch_images_per_s(bf16, 512, (1, 4), args.repeat)
+        report["batching_encode_512_bf16"] = {"batch1_images_per_s": ips[1], "batch4_images_per_s": ips[4]}
+        print(f"batching: encode 512 bf16 images/s batch 4 = {ips[4]:.1f}, batch 1 = {ips[1]:.1f}", flush=True)
+        save()
+    if time.time() - t0 < args.extra_budget_s:
+        with torch.no_grad():  # not inference_mode: tensors made there cannot be saved for compiled graphs
+            report["compile"] = compiled_vs_eager(bf16, 512, args.repeat, batch=BATCH[512])
     save()
     print(f"gpu_check: {report['seconds']} s" + (f" -> {out_path}" if out_path else ""), flush=True)
 

@@ -66,9 +66,9 @@ def main():
 def batch_images_per_s(vae, size: int, batches, repeat: int) -> dict[int, float]:
     """Encode images/s at each batch size, the batches timed in alternation (bench times one case after another,
     and a few percent of drift on a shared machine would decide a comparison of near-equal rates)."""
-    device = next(vae.parameters()).device
+    p = next(vae.parameters())
     fmt = bench.MEMORY_FORMATS[bench.memory_format(vae)]
-    x = (torch.rand(max(batches), 3, size, size) * 2 - 1).to(device, memory_format=fmt)
+    x = (torch.rand(max(batches), 3, size, size) * 2 - 1).to(p.device, p.dtype, memory_format=fmt)
     times = {b: [] for b in batches}
     for i in range(repeat + 1):  # the first round warms up
         for b in batches if i % 2 == 0 else batches[::-1]:
@@ -79,37 +79,39 @@ def batch_images_per_s(vae, size: int, batches, repeat: int) -> dict[int, float]
     return {b: b / statistics.median(t) for b, t in times.items()}
 
 
-def compiled_vs_eager(vae, size: int, repeat: int) -> None:
-    """torch.compile (inductor, weights frozen so oneDNN can prepack them) against eager, interleaved, and the
-    number of images a dataset run needs before the compile time is repaid."""
+def compiled_vs_eager(vae, size: int, repeat: int, batch: int = 1) -> list[dict]:
+    """torch.compile (inductor, weights frozen so oneDNN can prepack them) against eager on the same model (its
+    dtype and layout), interleaved, and how many images a dataset run needs before the compile time is repaid."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True
-    device = next(vae.parameters()).device
-    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    p = next(vae.parameters())
+    fmt = bench.MEMORY_FORMATS[bench.memory_format(vae)]
     f = vae.config.factor
-    cases = {"encode": (vae.encoder, torch.rand(1, 3, size, size) * 2 - 1),
-             "decode": (vae.decoder, torch.randn(1, vae.config.z_channels, size // f, size // f))}
+    cases = {"encode": (vae.encoder, torch.rand(batch, 3, size, size) * 2 - 1),
+             "decode": (vae.decoder, torch.randn(batch, vae.config.z_channels, size // f, size // f))}
+    rows = []
     for what, (module, x) in cases.items():
-        x = x.to(device, memory_format=fmt)
+        x = x.to(p.device, p.dtype, memory_format=fmt)
         t0 = time.perf_counter()
         compiled = torch.compile(module)
-        diff = (compiled(x) - module(x)).abs().max().item()
+        diff = (compiled(x).float() - module(x).float()).abs().max().item()
         compile_s = time.perf_counter() - t0
         times = {"eager": [], "compiled": []}
         for i in range(repeat):
             for name, fn in (("eager", module), ("compiled", compiled))[:: 1 if i % 2 == 0 else -1]:
                 t = time.perf_counter()
-                fn(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t)
+                fn(x).sum().item()  # .item(): waits for a GPU to finish
+                times[name].append((time.perf_counter() - t) / batch)
         eager, comp = (statistics.median(times[k]) for k in ("eager", "compiled"))
         saved = eager - comp
         payback = f"repaid after {compile_s / saved:.0f} images" if saved > 0 else "never repaid"
-        print(f"torch.compile {what} {size}px: {eager / comp:.2f}x eager ({comp:.2f} vs {eager:.2f} s/image, "
-              f"max diff {diff:.1e}); compile + first call {compile_s:.0f} s, {payback}")
-
+        print(f"torch.compile {what} {size}px batch {batch}: {eager / comp:.2f}x eager ({comp:.4f} vs {eager:.4f} "
+              f"s/image, max diff {diff:.1e}); compile + first call {compile_s:.0f} s, {payback}", flush=True)
+        rows.append(dict(what=what, size=size, batch=batch, dtype=str(p.dtype), speedup=round(eager / comp, 3),
+                         compiled_images_per_s=round(1 / comp, 2), eager_images_per_s=round(1 / eager, 2),
+                         compile_s=round(compile_s, 1), max_abs_diff=diff))
+    return rows
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
