@@ -5,6 +5,7 @@ peak resident set of the process on CPU (sampled by a thread from /proc/self/sta
 model gets its own peak), or torch's max allocated on CUDA. With `vs_diffusers`, diffusers' AutoencoderKL
 is built from our config, given the same weights, and run interleaved with ours in the same process, so
 both see the same machine load; `vs_diffusers` on a row is diffusers' time / ours (above 1: we are faster).
+Ours runs as `encode`/`decode` run it, untiled (tiling.encode/decode with mode off: a batch image by image on a CPU).
 
 No printing: `run` returns the rows and hands each to `on_row` as it is measured.
 """
@@ -20,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import tiling
 from .api import cpu_has_fast_bf16, resolve_dtype
 from .checkpoints import diffusers_to_ldm
 from .errors import BackendUnavailable, LatentctlError, UsageError
@@ -293,12 +295,12 @@ def _case(ours, theirs, what, attn, dtype, fmt, size, batch, repeat, seed, commo
     g = torch.Generator().manual_seed(seed)
     if what == "encode":
         x = torch.rand(batch, cfg.in_channels, size, size, generator=g) * 2 - 1  # an image in [-1, 1]
-        fns = {"ours": lambda: ours.encode(x).mean}
+        fns = {"ours": lambda: tiling.encode(ours, x, mode="off").mean}
         if theirs is not None:
             fns["diffusers"] = lambda: theirs.encode(x).latent_dist.mean
     else:
         x = torch.randn(batch, cfg.latent_channels, size // cfg.factor, size // cfg.factor, generator=g)
-        fns = {"ours": lambda: ours.decode(x)}
+        fns = {"ours": lambda: tiling.decode(ours, x, mode="off")}
         if theirs is not None:
             fns["diffusers"] = lambda: theirs.decode(x).sample
     x = x.to(device, dtype, memory_format=MEMORY_FORMATS[fmt])  # the lambdas above read x when called

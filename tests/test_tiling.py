@@ -201,6 +201,30 @@ def test_auto_decides_and_dispatches(vae):
             assert psnr(out, vae.decode(z)) > 90
 
 
+def test_a_cpu_batch_runs_one_image_at_a_time_with_the_batch_result(vae):
+    """On a CPU tiling.encode/decode (what the pipeline and bench call) feed the model one image at a time (faster
+    there: tiling.one_at_a_time); the result is the whole batch's, each image planned on its own."""
+    x, z = image(b=3), latent(b=3)
+    seen = []
+    hooks = [half.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+             for half in (vae.encoder, vae.decoder)]
+    try:
+        with torch.no_grad():
+            got_e, got_d = tiling.encode(vae, x, mode="off"), tiling.decode(vae, z, mode="off")
+            assert seen == [1] * 6
+            want_e, want_d = vae.encode(x), vae.decode(z)
+            assert seen[6:] == [3, 3]
+            budget = tiling.estimate_memory(vae, z[:1].shape, "decode")  # one image fits untiled, three would not
+            report = {}
+            assert psnr(tiling.decode(vae, z, mode="auto", budget=budget, report=report), want_d) > 90
+            assert report["tiled"] is False
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (got_e.mean - want_e.mean).abs().max() < 1e-5 and (got_e.logvar - want_e.logvar).abs().max() < 1e-5
+    assert got_d.shape == want_d.shape and (got_d - want_d).abs().max() < 1e-5
+
+
 def test_estimate_grows_with_pixels_and_precision(vae):
     small = tiling.estimate_memory(vae, (1, 3, 128, 128), "encode")
     big = tiling.estimate_memory(vae, (1, 3, 256, 256), "encode")
