@@ -56,7 +56,8 @@ fixed-point passes) were tried and came out 17 to 32 dB from untiled on SD-VAE w
 in an early GroupNorm compounds through the next eighteen.
 
 `auto` tiles exactly when `estimate_memory` (the untiled peak of the activations) exceeds the budget
-(`default_budget`: 75% of MemAvailable, or of free + cached GPU memory on CUDA).
+(`default_budget`: 75% of MemAvailable, or of free + cached GPU memory on CUDA); on a CPU `encode`/`decode` take
+a batch one image at a time (`one_at_a_time`), so there the estimate and the plan are per image.
 Inference only: no autograd graph is kept, dropout is off. The library never prints.
 """
 
