@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile against eager")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="also time a batch of 4 in one model call against image by image (tiling.one_at_a_time)")
     args = ap.parse_args()
     size, repeat = (256, 1) if args.quick else (args.size, args.repeat)
     vae, _ = latentctl.load("sd15", random_weights=True, device=args.device)
@@ -59,8 +61,33 @@ def main():
     print(f"batching: encode {size // 2}px images/s batch 4 = {ips[4]:.3f}, batch 1 = {ips[1]:.3f} "
           f"({ips[4] / ips[1]:.2f}x): {'PASS' if ips[4] >= ips[1] else 'FAIL'}\n  latentctl bench --model sd15 "
           f"--random-weights --what encode --size {size // 2} --batch 1,4 --repeat 5")
+    if args.one_at_a_time:
+        whole_batch_vs_one_at_a_time(vae, size // 2, max(repeat, 5))
     if args.compile:
         compiled_vs_eager(vae, size, repeat)
+
+
+def whole_batch_vs_one_at_a_time(vae, size: int, repeat: int, batch: int = 4) -> None:
+    """The measurement behind tiling.one_at_a_time: a batch in one model call against the same batch image by
+    image, alternated, per round (the ratio of the two times of each round, then the median over rounds)."""
+    p = next(vae.parameters())
+    fmt = bench.MEMORY_FORMATS[bench.memory_format(vae)]
+    f = vae.config.factor
+    cases = {"encode": (lambda t: vae.encode(t).mean, torch.rand(batch, 3, size, size) * 2 - 1),
+             "decode": (vae.decode, torch.randn(batch, vae.config.latent_channels, size // f, size // f))}
+    for what, (call, x) in cases.items():
+        x = x.to(p.device, p.dtype, memory_format=fmt)
+        ratios = []
+        for i in range(repeat + 1):  # the first round warms up
+            times = {}
+            for split in (False, True) if i % 2 == 0 else (True, False):
+                t = time.perf_counter()
+                torch.cat([call(x[j:j + 1]) for j in range(batch)]) if split else call(x)
+                times[split] = time.perf_counter() - t
+            if i:
+                ratios.append(times[False] / times[True])
+        print(f"{what} {size}px batch {batch}: image by image {statistics.median(ratios):.2f}x the whole batch's "
+              f"speed (rounds: {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
 
 
 def batch_images_per_s(vae, size: int, batches, repeat: int) -> dict[int, float]:

@@ -992,8 +992,9 @@ def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile_size: int | None =
 
 def one_at_a_time(x: torch.Tensor) -> bool:
     """Whether a batch should go through the model image by image: on a CPU, where one image already keeps every
-    core busy and a batch's activations overflow the caches (batch 4 at 256x256, SD-VAE, 2 cores: 1.09x faster
-    encode, 1.05x decode one at a time; `python benchmarks/performance.py`). A GPU needs the batch to fill it."""
+    core busy and a batch's activations overflow the caches (batch 4 at 256x256, SD-VAE, 2 cores, medians of two
+    runs each: encode 1.03x and 1.09x, decode 1.01x and 1.05x faster one at a time, with a quarter of the peak
+    activation memory; `python benchmarks/performance.py --one-at-a-time`). A GPU needs the batch to fill it."""
     return x.device.type == "cpu" and x.shape[0] > 1
 
 
