@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile against eager")
     ap.add_argument("--one-at-a-time", action="store_true",
-                    help="also time a batch of 4 in one model call against image by image (tiling.one_at_a_time)")
+                    help="also time a batch of 4 in one model call against image by image (tiling.SPLIT_BYTES)")
     args = ap.parse_args()
     size, repeat = (256, 1) if args.quick else (args.size, args.repeat)
     vae, _ = latentctl.load("sd15", random_weights=True, device=args.device)
@@ -61,84 +61,82 @@ def main():
     print(f"batching: encode {size // 2}px images/s batch 4 = {ips[4]:.3f}, batch 1 = {ips[1]:.3f} "
           f"({ips[4] / ips[1]:.2f}x): {'PASS' if ips[4] >= ips[1] else 'FAIL'}\n  latentctl bench --model sd15 "
           f"--random-weights --what encode --size {size // 2} --batch 1,4 --repeat 5")
-    if args.one_at_a_time:
+    if args.one_at_a_time:  # SD-VAE, and the small default model where tiling.SPLIT_BYTES draws the line
         whole_batch_vs_one_at_a_time(vae, size // 2, max(repeat, 5))
+        small, _ = latentctl.load("default", device=args.device)
+        for s in (64, 128, 512):
+            whole_batch_vs_one_at_a_time(small, s, max(repeat, 5))
     if args.compile:
         compiled_vs_eager(vae, size, repeat)
 
 
+def alternated(fns: dict, repeat: int, device) -> tuple[dict[str, list[float]], float | None]:
+    """Seconds per call of each fn over `repeat` rounds, the fns alternated (bench.measure, what `latentctl bench`
+    times with: one warm-up each, the order flipped every round, so drift on a shared machine hits all of them),
+    and the largest difference between the first two fns' outputs."""
+    with bench.memory_meter(device) as meter:
+        res, diff = bench.measure(fns, repeat, device, meter)
+    return {name: r["times"] for name, r in res.items()}, diff
+
+
+def on_model(vae, t: torch.Tensor) -> torch.Tensor:
+    """t on the model's device, in its dtype and memory format."""
+    p = next(vae.parameters())
+    return t.to(p.device, p.dtype, memory_format=bench.MEMORY_FORMATS[bench.memory_format(vae)])
+
+
 def whole_batch_vs_one_at_a_time(vae, size: int, repeat: int, batch: int = 4) -> None:
     """The measurement behind tiling.one_at_a_time: a batch in one model call against the same batch image by
-    image, alternated, per round (the ratio of the two times of each round, then the median over rounds)."""
-    p = next(vae.parameters())
-    fmt = bench.MEMORY_FORMATS[bench.memory_format(vae)]
+    image (the ratio of the two times of each round, then the median over rounds)."""
     f = vae.config.factor
     cases = {"encode": (lambda t: vae.encode(t).mean, torch.rand(batch, 3, size, size) * 2 - 1),
              "decode": (vae.decode, torch.randn(batch, vae.config.latent_channels, size // f, size // f))}
     for what, (call, x) in cases.items():
-        x = x.to(p.device, p.dtype, memory_format=fmt)
-        ratios = []
-        for i in range(repeat + 1):  # the first round warms up
-            times = {}
-            for split in (False, True) if i % 2 == 0 else (True, False):
-                t = time.perf_counter()
-                torch.cat([call(x[j:j + 1]) for j in range(batch)]) if split else call(x)
-                times[split] = time.perf_counter() - t
-            if i:
-                ratios.append(times[False] / times[True])
-        print(f"{what} {size}px batch {batch}: image by image {statistics.median(ratios):.2f}x the whole batch's "
+        x = on_model(vae, x)
+        times, _ = alternated({"whole": lambda: call(x),
+                               "split": lambda: torch.cat([call(x[j:j + 1]) for j in range(batch)])},
+                              repeat, x.device)
+        ratios = [w / s for w, s in zip(times["whole"], times["split"])]
+        print(f"{vae.config.ch}-channel model, {what} {size}px batch {batch}: image by image {statistics.median(ratios):.2f}x the whole batch's "
               f"speed (rounds: {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
 
 
 def batch_images_per_s(vae, size: int, batches, repeat: int) -> dict[int, float]:
-    """Encode images/s at each batch size, the batches timed in alternation (bench times one case after another,
-    and a few percent of drift on a shared machine would decide a comparison of near-equal rates)."""
-    p = next(vae.parameters())
-    fmt = bench.MEMORY_FORMATS[bench.memory_format(vae)]
-    x = (torch.rand(max(batches), 3, size, size) * 2 - 1).to(p.device, p.dtype, memory_format=fmt)
-    times = {b: [] for b in batches}
-    for i in range(repeat + 1):  # the first round warms up
-        for b in batches if i % 2 == 0 else batches[::-1]:
-            t = time.perf_counter()
-            tiling.encode(vae, x[:b], mode="off").mean.sum().item()  # as `encode` runs it; .item() waits for a GPU
-            if i:
-                times[b].append(time.perf_counter() - t)
+    """Encode images/s at each batch size, as `encode` runs it (tiling.encode), the batch sizes alternated (bench
+    times one case after another, and a few percent of drift would decide a comparison of near-equal rates)."""
+    x = on_model(vae, torch.rand(max(batches), 3, size, size) * 2 - 1)
+    times, _ = alternated({b: (lambda b=b: tiling.encode(vae, x[:b], mode="off").mean) for b in batches},
+                          repeat, x.device)
     return {b: b / statistics.median(t) for b, t in times.items()}
 
 
 def compiled_vs_eager(vae, size: int, repeat: int, batch: int = 1) -> list[dict]:
     """torch.compile (inductor, weights frozen so oneDNN can prepack them) against eager on the same model (its
-    dtype and layout), interleaved, and how many images a dataset run needs before the compile time is repaid."""
+    dtype and layout), alternated, and how many images a dataset run needs before the compile time is repaid."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True
-    p = next(vae.parameters())
-    fmt = bench.MEMORY_FORMATS[bench.memory_format(vae)]
     f = vae.config.factor
     cases = {"encode": (vae.encoder, torch.rand(batch, 3, size, size) * 2 - 1),
              "decode": (vae.decoder, torch.randn(batch, vae.config.z_channels, size // f, size // f))}
     rows = []
     for what, (module, x) in cases.items():
-        x = x.to(p.device, p.dtype, memory_format=fmt)
+        x = on_model(vae, x)
         t0 = time.perf_counter()
         compiled = torch.compile(module)
-        diff = (compiled(x).float() - module(x).float()).abs().max().item()
+        compiled(x).sum().item()  # .item(): waits for a GPU to finish
         compile_s = time.perf_counter() - t0
-        times = {"eager": [], "compiled": []}
-        for i in range(repeat):
-            for name, fn in (("eager", module), ("compiled", compiled))[:: 1 if i % 2 == 0 else -1]:
-                t = time.perf_counter()
-                fn(x).sum().item()  # .item(): waits for a GPU to finish
-                times[name].append((time.perf_counter() - t) / batch)
-        eager, comp = (statistics.median(times[k]) for k in ("eager", "compiled"))
+        times, diff = alternated({"eager": lambda: module(x), "compiled": lambda: compiled(x)}, repeat, x.device)
+        eager, comp = (statistics.median(times[k]) / batch for k in ("eager", "compiled"))
         saved = eager - comp
         payback = f"repaid after {compile_s / saved:.0f} images" if saved > 0 else "never repaid"
         print(f"torch.compile {what} {size}px batch {batch}: {eager / comp:.2f}x eager ({comp:.4f} vs {eager:.4f} "
               f"s/image, max diff {diff:.1e}); compile + first call {compile_s:.0f} s, {payback}", flush=True)
-        rows.append(dict(what=what, size=size, batch=batch, dtype=str(p.dtype), speedup=round(eager / comp, 3),
+        rows.append(dict(what=what, size=size, batch=batch, dtype=str(x.dtype), speedup=round(eager / comp, 3),
                          compiled_images_per_s=round(1 / comp, 2), eager_images_per_s=round(1 / eager, 2),
                          compile_s=round(compile_s, 1), max_abs_diff=diff))
     return rows
+
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

@@ -172,7 +172,7 @@ def memory_format(model: torch.nn.Module) -> str:
     return "contiguous"
 
 
-def _measure(fns: dict[str, Callable], repeat: int, device: torch.device, meter) -> tuple[dict, float | None]:
+def measure(fns: dict[str, Callable], repeat: int, device: torch.device, meter) -> tuple[dict, float | None]:
     """Warm each fn up once, then time them `repeat` times, interleaved (the order alternates every round).
 
     Returns per fn {"times", "peak", "act"} (act: peak above the level before the call), and the largest
@@ -206,6 +206,11 @@ def _measure(fns: dict[str, Callable], repeat: int, device: torch.device, meter)
         for name in names if i % 2 == 0 else names[::-1]:
             call(name, timed=True)
     return res, diff
+
+
+def memory_meter(device: torch.device):
+    """The peak-memory meter `measure` reads on this device (a context manager)."""
+    return CudaPeak(device) if device.type == "cuda" else RssPeak()
 
 
 def _row(**values) -> dict:
@@ -307,10 +312,10 @@ def _case(ours, theirs, what, attn, dtype, fmt, size, batch, repeat, seed, commo
     flop = model_flops(cfg, what, size, attn)
     base = dict(what=what, attn=attn, dtype=DTYPE_NAMES[dtype], size=size, batch=batch,
                 memory_format=memory_format(ours), gflop_per_image=round(flop / 1e9, 3), **common)
-    meter = CudaPeak(device) if device.type == "cuda" else RssPeak()
+    meter = memory_meter(device)
     try:
         with torch.inference_mode(), meter:
-            res, diff = _measure(fns, repeat, device, meter)
+            res, diff = measure(fns, repeat, device, meter)
     except (RuntimeError, MemoryError) as e:  # out of memory and kernel failures: a record, not a crash
         if device.type == "cuda":
             torch.cuda.empty_cache()
