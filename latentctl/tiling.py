@@ -57,7 +57,7 @@ in an early GroupNorm compounds through the next eighteen.
 
 `auto` tiles exactly when `estimate_memory` (the untiled peak of the activations) exceeds the budget
 (`default_budget`: 75% of MemAvailable, or of free + cached GPU memory on CUDA); on a CPU `encode`/`decode` take
-a batch one image at a time (`one_at_a_time`), so there the estimate and the plan are per image.
+a batch of all but small images one image at a time (`one_at_a_time`), and then the estimate and plan are per image.
 Inference only: no autograd graph is kept, dropout is off. The library never prints.
 """
 
@@ -990,12 +990,21 @@ def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile_size: int | None =
     return _execute(vae, z, "decode", tile_plan, progress, report)
 
 
-def one_at_a_time(x: torch.Tensor) -> bool:
-    """Whether a batch should go through the model image by image: on a CPU, where one image already keeps every
-    core busy and a batch's activations overflow the caches (batch 4 at 256x256, SD-VAE, 2 cores, medians of two
-    runs each: encode 1.03x and 1.09x, decode 1.01x and 1.05x faster one at a time, with a quarter of the peak
-    activation memory; `python benchmarks/performance.py --one-at-a-time`). A GPU needs the batch to fill it."""
-    return x.device.type == "cpu" and x.shape[0] > 1
+# A CPU batch goes through the model image by image once one image's full-resolution activation is this big: one
+# image then already keeps every core busy and a batch's activations overflow the caches. Batch 4, 2 cores, image by
+# image vs one call (`python benchmarks/performance.py --one-at-a-time`): SD-VAE at 256x256 (32 MiB) 1.01-1.09x;
+# the default model at 128x128 (2 MiB) 1.03-1.12x and at 512x512 1.06-1.09x, but at 64x64 (0.5 MiB) 0.76-0.82x,
+# where the per-call overhead outweighs. A GPU needs the batch to fill it.
+SPLIT_BYTES = 2**20
+
+
+def one_at_a_time(vae: AutoencoderKL, x: torch.Tensor, what: str) -> bool:
+    """Whether `encode`/`decode` (`what`) of the batch x should feed the model one image at a time (SPLIT_BYTES)."""
+    if x.device.type != "cpu" or x.shape[0] < 2:
+        return False
+    scale = 1 if what == "encode" else vae.config.factor
+    c = vae.config
+    return c.ch * c.ch_mult[0] * x.shape[2] * x.shape[3] * scale**2 * x.element_size() >= SPLIT_BYTES
 
 
 @torch.no_grad()
@@ -1003,8 +1012,8 @@ def encode(vae: AutoencoderKL, x: torch.Tensor, *, mode: str = "auto", tile_size
            budget: int | None = None, dtype: torch.dtype | None = None, progress=None,
            report: dict | None = None, spill: str | Path | bool = True) -> DiagonalGaussian:
     """vae.encode(x), in tiles when `mode` says so (auto: when the untiled estimate exceeds the budget).
-    On a CPU a batch runs one image at a time (see one_at_a_time), each planned on its own."""
-    if one_at_a_time(x):
+    On a CPU a batch of large enough images runs one image at a time (one_at_a_time), each planned on its own."""
+    if one_at_a_time(vae, x, "encode"):
         parts = [encode(vae, x[i:i + 1], mode=mode, tile_size=tile_size, budget=budget, dtype=dtype,
                         progress=progress, report=report, spill=spill) for i in range(x.shape[0])]
         return DiagonalGaussian(torch.cat([torch.cat([q.mean, q.logvar], dim=1) for q in parts]))
@@ -1021,8 +1030,8 @@ def decode(vae: AutoencoderKL, z: torch.Tensor, *, mode: str = "auto", tile_size
            budget: int | None = None, dtype: torch.dtype | None = None, progress=None,
            report: dict | None = None, spill: str | Path | bool = True) -> torch.Tensor:
     """vae.decode(z), in tiles when `mode` says so (auto: when the untiled estimate exceeds the budget).
-    On a CPU a batch runs one image at a time (see one_at_a_time), each planned on its own."""
-    if one_at_a_time(z):
+    On a CPU a batch of large enough images runs one image at a time (one_at_a_time), each planned on its own."""
+    if one_at_a_time(vae, z, "decode"):
         return torch.cat([decode(vae, z[i:i + 1], mode=mode, tile_size=tile_size, budget=budget, dtype=dtype,
                                  progress=progress, report=report, spill=spill) for i in range(z.shape[0])])
     p = plan(vae, tuple(z.shape), "decode", mode=mode, budget=budget, tile_size=tile_size, dtype=dtype, spill=spill)

@@ -202,14 +202,19 @@ def test_auto_decides_and_dispatches(vae):
 
 
 def test_a_cpu_batch_runs_one_image_at_a_time_with_the_batch_result(vae):
-    """On a CPU tiling.encode/decode (what the pipeline and bench call) feed the model one image at a time (faster
-    there: tiling.one_at_a_time); the result is the whole batch's, each image planned on its own."""
-    x, z = image(b=3), latent(b=3)
+    """On a CPU tiling.encode/decode (what the pipeline and bench call) feed the model one image at a time once an
+    image's full-resolution activation reaches tiling.SPLIT_BYTES (faster there), and small images as one batch;
+    the result is the whole batch's, each image planned on its own."""
+    x, z = image(96, 96, b=3), latent(12, 12, b=3)   # 32 channels x 96 x 96 x 4 bytes: just over 1 MiB
+    assert 32 * 96 * 96 * 4 >= tiling.SPLIT_BYTES > 32 * 64 * 64 * 4
     seen = []
     hooks = [half.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
              for half in (vae.encoder, vae.decoder)]
     try:
         with torch.no_grad():
+            tiling.encode(vae, image(64, 64, b=3), mode="off"), tiling.decode(vae, latent(8, 8, b=3), mode="off")
+            assert seen == [3, 3]
+            seen.clear()
             got_e, got_d = tiling.encode(vae, x, mode="off"), tiling.decode(vae, z, mode="off")
             assert seen == [1] * 6
             want_e, want_d = vae.encode(x), vae.decode(z)
