@@ -18,13 +18,14 @@ import typer
 
 from .. import api
 from ..errors import UsageError
-from ..pipeline import images, run
+from ..pipeline import datasets, images, run
 from ..pipeline.latents import read_metadata
 from . import options as opt
 from . import output
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line.")
+                                  "one per line; or WebDataset tar shards: .tar files, a folder of them (an "
+                                  "img2dataset output folder as it is), globs, or brace ranges s/{00000..00099}.tar.")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -93,7 +94,7 @@ def _stdin(inputs: list[str]):
         return None
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
-    return sys.stdin
+    return sys.stdin.readlines()  # read once: the kind of input (shards or files) is decided from them
 
 
 def _load_model(model, weights, models, device, attn, download, **kw):
@@ -103,9 +104,9 @@ def _load_model(model, weights, models, device, attn, download, **kw):
     return vae, info
 
 
-def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool) -> None:
+def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, extra=None) -> None:
     """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code."""
-    if not items:
+    if hasattr(items, "__len__") and not items:
         raise UsageError("no input files found")
     stop, caught = threading.Event(), []
 
@@ -119,7 +120,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     records, closed = [], []
-    bar = output.progress(len(items), verb, quiet)
+    bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
         if record.status == "error":
@@ -139,7 +140,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
-        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop)
+        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **(extra or {}))
     finally:
         if bar is not None:
             bar.stop()
@@ -180,8 +181,14 @@ def encode(inputs: list[str] = Inputs,
            center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
            max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
-    """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
+           to: str = typer.Option("files", "--to", help="files: one .safetensors per image (default) | wds: "
+                                  "WebDataset tar shards, one per input shard (same name) or --shard-size images "
+                                  "each, with NAME_stats.json written last."),
+           shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
+                                                    f"per output shard (default {datasets.DEFAULT_SHARD_SIZE}).")):
+    """Encode images to latents: one .safetensors per image, or WebDataset shards (--to wds); complete outputs
+    are skipped on a rerun. OUT/index.parquet lists every latent."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
@@ -189,9 +196,10 @@ def encode(inputs: list[str] = Inputs,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels))
     run.check_options(options)
-    items = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
+    items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
+                                       stdin_lines=_stdin(inputs))
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("encode", run.encode_files, vae, info, items, options, json, quiet)
+    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, {"sink": sink})
 
 
 def decode(inputs: list[str] = Inputs,
@@ -215,11 +223,16 @@ def decode(inputs: list[str] = Inputs,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    items = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    stdin_lines = _stdin(inputs)
+    items, sink = datasets.plan_decode(inputs, _out_dir(out), image_format=image_format, stdin_lines=stdin_lines)
     if model is None and weights is None:
-        model, weights = _model_from_files(items, models)
+        if hasattr(items, "__len__"):
+            model, weights = _model_from_files(items, models)
+        else:
+            meta = datasets.first_latent_metadata(inputs, stdin_lines)
+            model, weights = run.model_for_latents(meta, models) if meta is not None else ("default", None)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", run.decode_files, vae, info, items, options, json, quiet)
+    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, {"sink": sink})
 
 
 def _model_from_files(items, models) -> tuple:

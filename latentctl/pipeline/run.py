@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,8 @@ from ..errors import InputError, LatentctlError, UsageError
 from ..metrics import psnr, ssim
 from ..modules import AutoencoderKL, DiagonalGaussian
 from . import images, latents
-from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume_one
+from .sinks import FileSink
 
 STORES = ("mean", "sample", "posterior")
 TILE_MODES = tiling.MODES
@@ -73,6 +75,7 @@ class Record:
     seconds: float = 0.0            # this item's own load + share of its batch + write
     psnr: float | None = None       # roundtrip only
     ssim: float | None = None
+    item: Item | None = field(default=None, repr=False, compare=False)  # for sinks; not part of to_dict()
 
     def to_dict(self) -> dict:
         d = {"input": self.input, "output": self.output, "status": self.status, "error": self.error,
@@ -195,7 +198,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _error(item: Item, message: str, seconds: float = 0.0) -> Record:
-    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds)
+    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds,
+                  item=item)
 
 
 def _load(load, item: Item):
@@ -225,6 +229,7 @@ def _finish(finish, job: _Job, result) -> Record:
     except Exception as e:
         record = _error(job.item, f"{type(e).__name__}: {_first_line(e)}")
     record.seconds = job.seconds + time.perf_counter() - t
+    record.item = job.item
     return record
 
 
@@ -244,10 +249,14 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
-def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop) -> Summary:
+def _drive(items: Iterable[Item], check, load, compute, finish, options: Options, report, stop) -> Summary:
+    """Pull items one at a time (a list, or a generator that streams them: tar shards), decide each one's resume
+    state as it comes (check(item) -> (state, reason)), load, batch, compute and finish the ones to do."""
     started = time.perf_counter()
-    summary = Summary(total=len(items))
+    sized = hasattr(items, "__len__")
+    summary = Summary(total=len(items) if sized else 0)
     stop = stop if stop is not None else threading.Event()
+    ended = []  # set once every item has been pulled
 
     def emit(record: Record) -> None:
         summary.ok += record.status == "ok"
@@ -259,18 +268,27 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
     def halted() -> bool:
         return stop.is_set() or (options.fail_fast and summary.failed > 0)
 
-    todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
-    for item in done:
-        emit(Record(item.source, str(item.output), "skipped"))
-    for item, reason in refused:
-        emit(_error(item, reason))
+    def triage():
+        """The items to do, in order; skipped and refused ones are reported as they are met."""
+        for item in items:
+            summary.total += not sized
+            state, reason = resume_one(item, options.overwrite, check)
+            if state == "done":
+                emit(Record(item.source, str(item.output), "skipped", item=item))
+            elif state == "conflict":
+                emit(_error(item, reason))
+            else:
+                yield item
+            if halted():
+                return
+        ended.append(True)
 
     workers = max(1, options.workers)
     ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
     with ThreadPoolExecutor(workers, "latentctl-load") as loader, \
             ThreadPoolExecutor(workers, "latentctl-write") as writer:
         pending, writes, buckets = deque(), deque(), {}
-        source = iter(todo)
+        source = triage()
 
         def fill() -> None:
             while len(pending) < ahead and (item := next(source, None)) is not None:
@@ -315,7 +333,7 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
         for future in pending:
             future.cancel()
         drain(0)  # the writes in flight always finish, even after Ctrl-C
-    summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
+    summary.interrupted = stop.is_set() and (not ended or summary.ok + summary.skipped + summary.failed < summary.total)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -324,9 +342,10 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
 
 def _load_image_job(item: Item, vae: AutoencoderKL, options: Options) -> _Job:
     try:
-        data = item.path.read_bytes()
+        data = item.data if item.data is not None else item.path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror or e}") from None
+    item.data = None  # the decoded image is what is kept from here on
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
     x, geometry = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
                                  center_crop=options.center_crop)
@@ -414,9 +433,19 @@ def _run_seed(options: Options) -> int | None:
     return options.seed if options.seed is not None else secrets.randbits(63)
 
 
-def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None) -> Summary:
-    """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
+def _through(sink, items: Iterable[Item], report):
+    """Items placed by the sink (it sets their outputs), and a report that tells the sink every record first."""
+    def reported(record: Record) -> None:
+        sink.record(record)
+        if report is not None:
+            report(record)
+    return map(sink.place, items) if not hasattr(items, "__len__") else [sink.place(i) for i in items], reported
+
+
+def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None) -> Summary:
+    """Encode images to latents (items from plan_encode, or any iterable of Items: datasets.plan streams tar
+    shards). `info` is api.load()'s ModelInfo. `sink` (sinks.py) says where they go: one file each by default."""
     warn = warn or (lambda message: None)
     seed = _run_seed(options)
     settings = _encode_settings(vae, info, options, seed)
@@ -430,11 +459,21 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         return _latent_tensors(vae, posterior, jobs, options, seed)
 
     def finish(job, tensors):
-        latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
-        return Record(job.item.source, str(job.item.output), "ok", shape=list(tensors["latent"].shape))
+        meta = _metadata(job, vae, info, settings, seed)
+        shape = list(tensors["latent"].shape)
+        where = sink.write(job.item, latents.to_bytes(tensors, meta),
+                           {"shape": shape, "source": meta["source"], "source_sha256": meta["source_sha256"]})
+        return Record(job.item.source, where, "ok", shape=shape)
 
-    summary = _drive(items, lambda path: latents.check(path, settings),
-                     lambda item: _load_image_job(item, vae, options), compute, finish, options, report, stop)
+    sink = sink if sink is not None else FileSink(None)
+    sink.open(settings, lambda path: latents.check(path, settings))
+    items, report = _through(sink, items, report)
+    summary = None
+    try:
+        summary = _drive(items, sink.check, lambda item: _load_image_job(item, vae, options), compute, finish,
+                         options, report, stop)
+    finally:
+        sink.close(summary is None or summary.interrupted)
     summary.seed = seed
     return summary
 
@@ -465,7 +504,8 @@ def _scale_shift(meta: dict, options: Options) -> tuple[float, float]:
 
 
 def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> _Job:
-    latent, meta = latents.read(item.path, options.key)
+    latent, meta = latents.read(item.path if item.data is None else item.data, options.key)
+    item.data = None
     channels = vae.config.latent_channels
     if latent.shape[0] != channels:
         raise InputError(f"latent has {latent.shape[0]} channels; model {info.name!r} takes {channels}")
@@ -505,9 +545,10 @@ def _write_image(path: Path, rgb: np.ndarray, options: Options) -> None:
     latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality))
 
 
-def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None) -> Summary:
-    """Decode latent files to images cropped to their valid box (items from plan_decode)."""
+def decode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None) -> Summary:
+    """Decode latents to images cropped to their valid box (items from plan_decode, or latent shards through
+    datasets.plan). `sink`: where the images go (one file each)."""
     warn = warn or (lambda message: None)
     device = next(vae.parameters()).device
 
@@ -516,14 +557,22 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
 
     def finish(job, image):
         rgb = images.to_uint8(_crop(image, job.info["valid"]))
-        _write_image(job.item.output, rgb, options)
-        return Record(job.item.source, str(job.item.output), "ok", shape=[3, *rgb.shape[:2]])
+        where = sink.write(job.item, images.encode_image(rgb, options.image_format, options.quality))
+        return Record(job.item.source, where, "ok", shape=[3, *rgb.shape[:2]])
 
     def check(path):
         return ("done", "") if images.is_valid_image(path) else ("redo", "")
 
-    return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
-                  options, report, stop)
+    sink = sink if sink is not None else FileSink(None, "." + options.image_format)
+    sink.open({}, check)
+    items, report = _through(sink, items, report)
+    summary = None
+    try:
+        summary = _drive(items, sink.check, lambda item: _load_latent_job(item, vae, info, options), compute,
+                         finish, options, report, stop)
+    finally:
+        sink.close(summary is None or summary.interrupted)
+    return summary
 
 
 # --- roundtrip ------------------------------------------------------------------------------------------------
