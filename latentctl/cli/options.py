@@ -47,7 +47,13 @@ SpillDir = typer.Option(None, "--spill-dir", help="Folder where tiling may keep 
 ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
+# scale-out (latentctl/dist)
+Shard = typer.Option(None, "--shard", help="Do part K of N (K from 0), e.g. 0/4: N runs with K = 0..N-1 together do "
+                                           "every input once. Default: from torchrun (RANK, WORLD_SIZE) or SLURM "
+                                           "(SLURM_PROCID, SLURM_NTASKS), else everything.")
+ShardBy = typer.Option("bytes", "--shard-by", help="Balance the N parts by input bytes (default) or by count.")
+
 __all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "FailFast",
            "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
+           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "Shard", "ShardBy", "SpillDir",
            "Store", "Tile", "TileSize", "Weights", "Workers"]
