@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .. import api
+from .. import api, buckets as bucketing
 from ..errors import UsageError
 from ..pipeline import images, run
 from ..pipeline.latents import read_metadata
@@ -63,16 +63,23 @@ def _options(*, device, dtype, batch_size, workers, tile, tile_size, max_memory,
                        max_memory=_size_bytes(max_memory), spill=_spill(spill_dir), fail_fast=fail_fast, **extra)
 
 
-def _image_options(*, store, seed, latent_dtype, resize, center_crop, alpha_background, max_pixels) -> dict:
+def _image_options(*, store, seed, latent_dtype, resize, center_crop, alpha_background, max_pixels,
+                   crop="center") -> dict:
     if resize is not None and resize < 1:
         raise UsageError(f"--resize {resize}: must be at least 1")
     if max_pixels < 1:
         raise UsageError(f"--max-pixels {max_pixels}: must be at least 1")
-    if seed is not None and store != "sample":
-        raise UsageError(f"--seed is for --store sample (this run stores {store})")
+    if seed is not None and store != "sample" and crop != "random":
+        raise UsageError(f"--seed is for --store sample or --crop random (this run stores {store})")
     return dict(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                 center_crop=images.parse_size(center_crop, "--center-crop") if center_crop else None,
                 alpha_background=images.parse_color(alpha_background), max_pixels=max_pixels)
+
+
+def _bucket_options(*, buckets, crop, too_small, flip) -> dict:
+    if buckets is None and (crop != "center" or too_small != "upscale" or flip):
+        raise UsageError("--crop, --too-small and --flip go with --buckets")
+    return dict(buckets=bucketing.parse(buckets) if buckets else None, crop=crop, too_small=too_small, flip=flip)
 
 
 def _format(image_format: str, quality: int) -> dict:
@@ -127,6 +134,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     def report(record: run.Record) -> None:
         if record.status == "error":
             output.error(f"{record.input}: {record.error}")
+        elif record.status == "skipped" and record.error:  # skipped on purpose, with the reason (never silent)
+            output.warning(f"{record.input}: skipped: {record.error}")
         if json and not closed:
             try:
                 output.json_line(record.to_dict())
@@ -182,7 +191,9 @@ def encode(inputs: list[str] = Inputs,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
            center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
-           max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
+           max_pixels: int = opt.MaxPixels, buckets: Optional[str] = opt.Buckets, crop: str = opt.Crop,
+           too_small: str = opt.TooSmall, flip: bool = opt.Flip, overwrite: bool = opt.Overwrite,
+           fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
@@ -193,7 +204,8 @@ def encode(inputs: list[str] = Inputs,
                        overwrite=overwrite,
                        **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                                         center_crop=center_crop, alpha_background=alpha_background,
-                                        max_pixels=max_pixels))
+                                        max_pixels=max_pixels, crop=crop),
+                       **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     items = scale.part(run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
     vae, info = _load_model(model, weights, models, device, attn, download)
