@@ -48,8 +48,10 @@ def _stream(shards: list, sink, wanted: str, groups: dict | None = None):
 
 
 def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: int | None = None,
-                overwrite: bool = False, stdin_lines=None):
-    """(items, sink) for encode_files."""
+                overwrite: bool = False, stdin_lines=None, part=None):
+    """(items, sink) for encode_files. part(list) -> this rank's part of it (latentctl/dist): applied to the
+    shards (whole shards go to one rank), or to the loose files."""
+    part = part or (lambda xs: xs)
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: choose {', '.join(TARGETS)}")
     out_dir = Path(out_dir)
@@ -58,16 +60,14 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
     if sources.is_shard_input(specs):
         if shard_size is not None:
             raise UsageError("--shard-size is for loose files; an output shard keeps its input shard's samples")
-        shards = sources.discover_shards(specs, exclude=out_dir)
-        if not shards:
-            raise UsageError("no input files found")
+        shards = part(sources.discover_shards(specs, exclude=out_dir))
         sink = ShardSink(out_dir, overwrite=overwrite) if to == "wds" else FileSink(out_dir, index=True)
         return _stream(shards, sink, "image"), sink
     items = run.plan_encode(inputs, out_dir, stdin_lines=stdin_lines)
     if to == "files":
         if shard_size is not None:
             raise UsageError("--shard-size is for --to wds")
-        return items, FileSink(out_dir, index=True)
+        return part(items), FileSink(out_dir, index=True)
     if not items:
         raise UsageError("no input files found")
     grouped = sources.group_files(items, shard_size or DEFAULT_SHARD_SIZE)
@@ -75,22 +75,20 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
     for item in grouped:
         groups.setdefault(item.shard, []).append(item)
     sink = ShardSink(out_dir, overwrite=overwrite)
-    return _stream(list(groups), sink, "image", groups), sink
+    return _stream(part(list(groups)), sink, "image", groups), sink
 
 
-def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", stdin_lines=None):
+def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", stdin_lines=None, part=None):
     """(items, sink) for decode_files: latent files, or latent shards (each sample's image goes to
     OUT/SHARD/KEY.png with its carried members beside it)."""
     out_dir = Path(out_dir)
+    part = part or (lambda xs: xs)
     stdin_lines = list(stdin_lines) if stdin_lines is not None else None
     specs = _specs(inputs, stdin_lines)
     sink = FileSink(out_dir, "." + image_format)
     if sources.is_shard_input(specs):
-        shards = sources.discover_shards(specs, exclude=out_dir)
-        if not shards:
-            raise UsageError("no input files found")
-        return _stream(shards, sink, "latent"), sink
-    return run.plan_decode(inputs, out_dir, image_format, stdin_lines=stdin_lines), sink
+        return _stream(part(sources.discover_shards(specs, exclude=out_dir)), sink, "latent"), sink
+    return part(run.plan_decode(inputs, out_dir, image_format, stdin_lines=stdin_lines)), sink
 
 
 def first_latent_metadata(inputs: list[str], stdin_lines=None) -> dict | None:

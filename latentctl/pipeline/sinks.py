@@ -108,6 +108,7 @@ class _Open:
     failed: int = 0
     seen: int = 0
     errors: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
     shard_error: str | None = None
     rows: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -193,7 +194,7 @@ class ShardSink:
 
     def record(self, record) -> None:
         item = record.item
-        if item is None or item.shard is None or record.status == "skipped" or item.shard in self._done:
+        if item is None or item.shard is None or item.shard in self._done:
             return
         with self._lock:
             st = self._open.get(item.shard) or self._open.setdefault(
@@ -201,6 +202,8 @@ class ShardSink:
             st.seen += 1
             if record.status == "ok":
                 st.ok += 1
+            elif record.status == "skipped":  # by the run's own rule (e.g. an image too small for its bucket)
+                st.skipped[item.key] = record.error or ""
             elif record.status == "error":
                 st.failed += item.key is not None
                 if item.key is None:
@@ -230,7 +233,8 @@ class ShardSink:
             if self.index:
                 index_mod.write(self.out_dir / f"{shard.name}.parquet", st.rows)
             stats = {"status": "done", "input": shard.source, "identity": shard.identity, "count": st.seen,
-                     "ok": st.ok, "failed": st.failed, "errors": st.errors, "shard_error": st.shard_error,
+                     "ok": st.ok, "failed": st.failed, "errors": st.errors, "skipped": st.skipped,
+                     "shard_error": st.shard_error,
                      "settings": self.settings, "seconds": round(time.perf_counter() - st.started, 3),
                      "latentctl_version": __version__}
             atomic_write(stats_path(self.out_dir, shard.name), (json.dumps(stats, indent=1) + "\n").encode())
