@@ -6,6 +6,7 @@ Exit: 0 all ok; 1 some inputs failed; 2 usage/model/weights error; 130 Ctrl-C (1
 in flight finished.
 """
 
+import math
 import os
 import re
 import signal
@@ -105,6 +106,11 @@ def _stdin(inputs: list[str]):
     return sys.stdin.readlines()  # read once: the kind of input (shards or files) is decided from them
 
 
+def _check_scale(scale: float | None, flag: str) -> None:
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"{flag} {scale}: must be a positive finite number")
+
+
 def _load_model(model, weights, models, device, attn, download, **kw):
     vae, info = api.load(model, weights=weights, device=device, attn=attn, models_file=models, download=download, **kw)
     if vae.config.in_channels != 3 or vae.config.out_ch != 3:
@@ -187,7 +193,8 @@ def _roundtrip_table(records: list[run.Record]) -> None:
 def encode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the latent files (mirrors the inputs)."),
            model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
-           models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+           models: Optional[Path] = opt.ModelsFile, scaling_factor: Optional[float] = opt.ScalingFactor,
+           shift_factor: Optional[float] = opt.ShiftFactor, device: str = opt.Device, dtype: str = opt.Dtype,
            attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
@@ -205,6 +212,10 @@ def encode(inputs: list[str] = Inputs,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images to latents: one .safetensors per image, or WebDataset shards (--to wds); complete outputs
     are skipped on a rerun. OUT/index.parquet lists every latent."""
+    # the latent scale first: weights that nobody gave a scale for are refused before any work
+    _check_scale(scaling_factor, "--scaling-factor")
+    api.weights_settings(model, weights=weights, models_file=models, download=download,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
@@ -216,7 +227,8 @@ def encode(inputs: list[str] = Inputs,
     run.check_options(options)
     items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
                                        stdin_lines=_stdin(inputs), part=lambda xs: scale.part(xs, rank, shard_by))
-    vae, info = _load_model(model, weights, models, device, attn, download)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            scaling_factor=scaling_factor, shift_factor=shift_factor)
     _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink,
              claims=Claims() if isinstance(items, list) else None)  # shard outputs: ranks split whole shards
 

@@ -506,6 +506,9 @@ def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Optio
     """Encode images to latents (items from plan_encode, or any iterable of Items: datasets.plan streams tar
     shards). `info` is api.load()'s ModelInfo. `sink` (sinks.py) says where they go: one file each by default."""
     warn = warn or (lambda message: None)
+    if getattr(info, "settings", None) == "unknown":
+        raise UsageError(f"{info.weights}: no latent scale known for these weights; load them with a model name "
+                         "or scaling_factor= (and shift_factor=) before writing latents")
     seed = _run_seed(options)
     settings = _encode_settings(vae, info, options, seed)
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
