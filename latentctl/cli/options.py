@@ -44,10 +44,19 @@ MaxMemory = typer.Option(None, "--max-memory", help="Memory budget for --tile au
 SpillDir = typer.Option(None, "--spill-dir", help="Folder where tiling may keep whole activations that do not fit "
                                                   "--max-memory instead of recomputing them (default: the system "
                                                   "temp folder; 'none': never).")
-ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
+ImageFormat = typer.Option(None, "--format", help="Files written: for images png (default) | jpg | webp; for clips "
+                                                  "mp4 (default) | gif | webp, or png | jpg: a folder of frames.")
+
+# clips (videos, animated GIF/WebP/PNG)
+FrameStep = typer.Option(1, "--frame-step", help="Clips: encode every Nth frame.")
+Fps = typer.Option(None, "--fps", help="Clips: resample to this rate by timestamp (the first frame in each 1/F "
+                                       "seconds; never above the clip's own rate).")
+MaxFrames = typer.Option(None, "--max-frames", help="Clips: stop after this many selected frames.")
+Start = typer.Option(0.0, "--start", help="Clips: first second to encode.")
+End = typer.Option(None, "--end", help="Clips: encode frames before this second.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
-__all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "FailFast",
-           "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "End", "FailFast",
+           "Fps", "FrameStep", "ImageFormat", "MaxFrames", "Start", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
            "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
            "Store", "Tile", "TileSize", "Weights", "Workers"]
