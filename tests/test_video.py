@@ -235,9 +235,9 @@ def test_roundtrip_reports_per_frame_figures_and_writes_side_by_side(clips, weig
     compare = np.asarray(Image.open(tmp_path / "rt" / "spin.compare" / "000003.png"))
     assert compare.shape == (H, 3 * W, 3) and np.array_equal(compare[:, W:2 * W], recon[3])
     # the same through encode + decode (fp16 storage, as roundtrip stores)
-    assert cli(capsys, "encode", clips / "spin.webp", "-o", tmp_path / "lat", "-w", weights, "--max-frames", "5")[0] == 0
+    assert cli(capsys, "encode", clips / "spin.webp", "-o", tmp_path / "lat", "-w", weights, "--max-frames", "4")[0] == 0
     assert cli(capsys, "decode", tmp_path / "lat", "-o", tmp_path / "dec", "--format", "png")[0] == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "dec" / "spin" / "000004.png")), recon[4])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "dec" / "spin" / "000003.png")), recon[3])
     # a side-by-side video
     assert cli(capsys, "roundtrip", clips / "pan.mp4", "-o", tmp_path / "v", "-w", weights, "--max-frames", "3")[0] == 0
     assert iio.improps(tmp_path / "v" / "pan.compare.mp4", plugin="pyav").shape == (3, H, 3 * W, 3)
@@ -288,7 +288,8 @@ def test_bad_clips_are_one_error_line_each_and_the_run_goes_on(clips, weights, t
     assert sorted(p.name for p in out_dir.rglob("*")) == ["spin.safetensors"]  # nothing half-written
     code, out, err = cli(capsys, "encode", clips / "pan.mp4", "-o", tmp_path / "big", "-w", weights,
                          "--max-pixels", str(W * H - 1))
-    assert code == 1 and f"{W}x{H}" in err and "--max-pixels" in err and not (tmp_path / "big").exists()
+    assert code == 1 and f"{W}x{H}" in err and "--max-pixels" in err
+    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file()]
 
 
 def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
@@ -311,4 +312,5 @@ def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
     assert spool is not None, "the encode never spooled a frame"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert [p for p in out.rglob("*") if p.is_file()] == []
+    left = [p.name for p in out.rglob("*") if p.is_file()]
+    assert left == [".long.safetensors.latentctl-claim"]  # only the dead run's claim (it expires); no latent data

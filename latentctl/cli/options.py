@@ -44,6 +44,14 @@ MaxMemory = typer.Option(None, "--max-memory", help="Memory budget for --tile au
 SpillDir = typer.Option(None, "--spill-dir", help="Folder where tiling may keep whole activations that do not fit "
                                                   "--max-memory instead of recomputing them (default: the system "
                                                   "temp folder; 'none': never).")
+Buckets = typer.Option(None, "--buckets", help="Aspect-ratio buckets: sd15 (~512² area) | sdxl | flux (~1024²) | "
+                       "area=1024x1024,step=64,min=512,max=2048,aspect=4 | an explicit list 1024x1024,1152x896,... "
+                       "Each image is resized to cover the bucket nearest its aspect ratio (antialiased) and cropped.")
+Crop = typer.Option("center", "--crop", help="With --buckets: center | random (reproducible with --seed).")
+TooSmall = typer.Option("upscale", "--too-small", help="With --buckets, an image smaller than its bucket (it would be "
+                                                     "enlarged): upscale (default) | skip (reported as skipped).")
+Flip = typer.Option(False, "--flip", help="With --buckets: also store `latent_flipped`, the latent of the mirrored "
+                                          "crop, computed in the same batch.")
 ImageFormat = typer.Option(None, "--format", help="Files written: for images png (default) | jpg | webp; for clips "
                                                   "mp4 (default) | gif | webp, or png | jpg: a folder of frames.")
 
@@ -56,7 +64,13 @@ Start = typer.Option(0.0, "--start", help="Clips: first second to encode.")
 End = typer.Option(None, "--end", help="Clips: encode frames before this second.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
-__all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "End", "FailFast",
-           "Fps", "FrameStep", "ImageFormat", "MaxFrames", "Start", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
-           "Store", "Tile", "TileSize", "Weights", "Workers"]
+# scale-out (latentctl/dist)
+Shard = typer.Option(None, "--shard", help="Do part K of N (K from 0), e.g. 0/4: N runs with K = 0..N-1 together do "
+                                           "every input once. Default: from torchrun (RANK, WORLD_SIZE) or SLURM "
+                                           "(SLURM_PROCID, SLURM_NTASKS), else everything.")
+ShardBy = typer.Option("bytes", "--shard-by", help="Balance the N parts by input bytes (default) or by count.")
+
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End",
+           "FailFast", "Flip", "Fps", "FrameStep", "MaxFrames", "Start", "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
+           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "Shard", "ShardBy", "SpillDir",
+           "Store", "Tile", "TileSize", "TooSmall", "Weights", "Workers"]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import InputError, LatentctlError
+from .. import buckets as bucketing
+from ..errors import InputError, LatentctlError, Skip
 from ..metrics import psnr, ssim
 from . import images, latents, run
 from .clip_writers import ClipWriter, clip_output, compare_output, is_complete
@@ -66,23 +67,39 @@ def _device(vae) -> torch.device:
     return next(vae.parameters()).device
 
 
-def _prepare(batch, vae, options: run.Options, geometry):
-    """Frames (index, t, rgb) -> model input (B, 3, H, W) and the clip's Geometry (equal for every frame)."""
-    xs = []
+def _prepare(batch, vae, item: Item, options: run.Options, seed, geometry):
+    """Frames (index, t, rgb) -> model input (B, 3, H, W), the clip's Geometry and bucket metadata (the same for
+    every frame: as run.py prepares an image, with the clip's path as the random crop's key)."""
+    xs, bucket = [], {}
     for index, _, rgb in batch:
-        x, g = images.prepare(rgb, factor=vae.config.factor, resize=options.resize, center_crop=options.center_crop)
+        if options.buckets is None:
+            x, g = images.prepare(rgb, factor=vae.config.factor, resize=options.resize,
+                                  center_crop=options.center_crop)
+        else:
+            x, p = bucketing.prepare(rgb, options.buckets, crop=options.crop, too_small=options.too_small,
+                                     seed=seed or 0, key=item.rel.as_posix())
+            g = images.Geometry(*p.original, p.resized, p.box, (0, 0, *p.bucket), p.bucket)
+            bucket = bucketing.metadata(p, options.flip)
         if geometry is not None and g != geometry:
             raise InputError(f"frame {index} gives a {g.padded} model input; the clip's first frame {geometry.padded}")
         geometry = g
         xs.append(x)
-    return torch.stack(xs), geometry
+    return torch.stack(xs), geometry, bucket
 
 
 def _stored(vae, x, batch, item, options, seed, warn) -> list[dict]:
-    """Encode a batch of frames: per frame {"latent", ["mean", "logvar"]} in the storage dtype (run.py's code)."""
-    posterior = run._guarded(run.encode_batch, vae, x.to(_device(vae)), options, warn, "encode")
+    """Encode a batch of frames: per frame {"latent", ["mean", "logvar"]} in the storage dtype, with --flip also
+    the mirrored frames' latent_flipped, ... (run.py's code)."""
+    x = x.to(_device(vae))
+    if options.flip:
+        x = torch.cat([x, x.flip(-1)])  # the mirrored crops go through the model in the same batch
+    posterior = run._guarded(run.encode_batch, vae, x, options, warn, "encode")
     jobs = [run._Job(_frame_item(item, index), (), None) for index, _, _ in batch]
     stored = run._latent_tensors(vae, posterior, jobs, options, seed)
+    if options.flip:
+        flips = run._latent_tensors(vae, posterior, jobs, options, seed, flipped=True)
+        stored = [a if isinstance(a, Exception) else b if isinstance(b, Exception) else a | b
+                  for a, b in zip(stored, flips)]
     for (index, _, _), s in zip(batch, stored):
         if isinstance(s, Exception):
             raise InputError(f"frame {index}: {s}")
@@ -115,6 +132,8 @@ def _guard(item: Item, work) -> run.Record:
         record = work()
     except InputError as e:
         record = run._error(item, str(e))
+    except Skip as e:  # on purpose (--too-small skip), with the reason
+        record = run.Record(item.source, str(item.output) if item.output else None, "skipped", str(e))
     except LatentctlError:
         raise  # the model or the flags, not this clip: stop the run
     except OSError as e:
@@ -126,8 +145,10 @@ def _guard(item: Item, work) -> run.Record:
     return record
 
 
-def _drive(items: list[Item], check, work, options: run.Options, report, stop) -> run.Summary:
-    """Clips one after another: resume check, work(item) -> Record or None (stopped), records, summary."""
+def _drive(items: list[Item], check, work, options: run.Options, report, stop, claims=None) -> run.Summary:
+    """Clips one after another: resume check, work(item) -> Record or None (stopped), records, summary.
+    With `claims` (latentctl/dist/claims.py), as run.py: each clip is claimed before it is read, so runs sharing
+    the output folder split the clips; clips another live run holds are looked at again once free."""
     started = time.perf_counter()
     summary = run.Summary(total=len(items))
 
@@ -135,24 +156,40 @@ def _drive(items: list[Item], check, work, options: run.Options, report, stop) -
         summary.ok += record.status == "ok"
         summary.skipped += record.status == "skipped"
         summary.failed += record.status == "error"
+        if claims is not None and record.output is not None:
+            claims.release(Path(record.output))  # after the write: the output is in place (or failed)
         if report is not None:
             report(record)
 
-    todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
-    for item in done:
-        emit(run.Record(item.source, str(item.output), "skipped"))
-    for item, reason in refused:
-        emit(run._error(item, reason))
-    for item in todo:
-        if stop.is_set() or (options.fail_fast and summary.failed):
-            break
-        if item.error is not None:
-            emit(run._error(item, item.error))
-            continue
-        record = _guard(item, lambda: work(item))
-        if record is None:  # stopped mid-clip: nothing was written for it
-            break
-        emit(record)
+    def halted() -> bool:
+        return stop.is_set() or (options.fail_fast and summary.failed > 0)
+
+    try:
+        while items:
+            todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
+            for item in done:
+                emit(run.Record(item.source, str(item.output), "skipped"))
+            for item, reason in refused:
+                emit(run._error(item, reason))
+            if claims is not None:
+                todo = claims.take(todo, check, options.overwrite,
+                                   lambda item: emit(run.Record(item.source, str(item.output), "skipped")))
+            for item in todo:
+                if halted():
+                    break
+                if item.error is not None:
+                    emit(run._error(item, item.error))
+                    continue
+                record = _guard(item, lambda: work(item))
+                if record is None:  # stopped mid-clip: nothing was written for it
+                    if claims is not None:
+                        claims.release(item.output)
+                    break
+                emit(record)
+            items = claims.wait_deferred(halted) if claims is not None else []
+    finally:
+        if claims is not None:
+            claims.close()
     summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
     summary.seconds = time.perf_counter() - started
     return summary
@@ -165,7 +202,7 @@ def clip_settings(vae, info, options: run.Options, seed, selection: Selection) -
 
 
 def encode_clips(vae, info, items: list[Item], options: run.Options, selection: Selection = Selection(), *,
-                 seed=None, report=None, warn=None, stop: threading.Event | None = None) -> run.Summary:
+                 seed=None, report=None, warn=None, stop: threading.Event | None = None, claims=None) -> run.Summary:
     """Encode clips (items with latent-file outputs) to one latent file each. `seed`: store=sample's run seed
     (None: drawn here, as run.encode_files does)."""
     warn = warn or (lambda message: None)
@@ -175,6 +212,8 @@ def encode_clips(vae, info, items: list[Item], options: run.Options, selection: 
     settings = clip_settings(vae, info, options, seed, selection)
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
     info = replace(info, weights=weights)
+    if options.buckets is not None:
+        bucketing.check_factor(options.buckets, vae.config.factor)
 
     def work(item: Item):
         with FrameReader(item.path, max_pixels=options.max_pixels, alpha_background=options.alpha_background) \
@@ -183,7 +222,7 @@ def encode_clips(vae, info, items: list[Item], options: run.Options, selection: 
             for batch in reader.batches(selection, options.batch_size):
                 if stop.is_set():
                     return None
-                x, geometry = _prepare(batch, vae, options, geometry)
+                x, geometry, bucket = _prepare(batch, vae, item, options, seed, geometry)
                 stored = _stored(vae, x, batch, item, options, seed, warn)
                 spool.append({k: torch.stack([s[k] for s in stored]) for k in stored[0]})
                 indices += [index for index, _, _ in batch]
@@ -192,7 +231,7 @@ def encode_clips(vae, info, items: list[Item], options: run.Options, selection: 
                 raise _no_frames(reader)
             fps = _clip_fps(reader, selection, warn, item.source)
             mode = "RGB" if reader.info.reader == "pyav" else "RGBA"
-            job = run._Job(item, (), None, {"geometry": geometry, "sha256": _sha256(item.path),
+            job = run._Job(item, (), None, {"geometry": geometry, "sha256": _sha256(item.path), "bucket": bucket,
                                             "loaded": images.Loaded(None, mode, False, mode == "RGBA")})
             meta = run._metadata(job, vae, info, settings, seed) | {
                 "kind": KIND, "frames": str(spool.frames), "fps": repr(fps),
@@ -202,7 +241,7 @@ def encode_clips(vae, info, items: list[Item], options: run.Options, selection: 
             return ClipRecord(item.source, str(item.output), "ok", shape=[spool.frames, *stored[0]["latent"].shape],
                               frames=spool.frames, fps=fps)
 
-    summary = _drive(items, lambda path: latents.check(path, settings), work, options, report, stop)
+    summary = _drive(items, lambda path: latents.check(path, settings), work, options, report, stop, claims)
     summary.seed = seed
     return summary
 
@@ -270,7 +309,7 @@ def _decode_frames(vae, z: torch.Tensor, options, warn, valid) -> list[np.ndarra
 
 
 def decode_clips(vae, info, items: list[Item], options: run.Options, clip_format: str = "mp4", *, report=None,
-                 warn=None, stop: threading.Event | None = None) -> run.Summary:
+                 warn=None, stop: threading.Event | None = None, claims=None) -> run.Summary:
     """Decode clip latent files to videos (mp4 / gif / webp) at their recorded fps, or to folders of frames."""
     warn = warn or (lambda message: None)
     stop = stop if stop is not None else threading.Event()
@@ -303,7 +342,7 @@ def decode_clips(vae, info, items: list[Item], options: run.Options, clip_format
         return ClipRecord(item.source, str(item.output), "ok", shape=[clip.frames, *size], frames=clip.frames,
                           fps=clip.fps)
 
-    return _drive(items, check, work, options, report, stop)
+    return _drive(items, check, work, options, report, stop, claims)
 
 
 # --- roundtrip ------------------------------------------------------------------------------------------------
@@ -339,7 +378,7 @@ def roundtrip_clips(vae, info, items: list[Item], options: run.Options, selectio
                 for batch in reader.batches(selection, options.batch_size):
                     if stop.is_set():
                         return None
-                    x, geometry = _prepare(batch, vae, options, geometry)
+                    x, geometry, _ = _prepare(batch, vae, item, options, seed, geometry)
                     stored = _stored(vae, x, batch, item, options, seed, warn)
                     z = torch.stack([s["latent"].float() / scale + shift for s in stored])
                     for xi, recon in zip(x, _decode_frames(vae, z, options, warn, geometry.valid)):
