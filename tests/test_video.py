@@ -33,6 +33,7 @@ def weights(tmp_path_factory):
     vae = AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
     path = tmp_path_factory.mktemp("model") / "vae.safetensors"
     save_file(vae.state_dict(), path)
+    (path.parent / "config.json").write_text(json.dumps({"scaling_factor": 0.5, "shift_factor": 0.1}))
     return path
 
 

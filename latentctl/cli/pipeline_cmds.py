@@ -7,6 +7,7 @@ in flight finished.
 """
 
 import functools
+import math
 import os
 import re
 import signal
@@ -119,6 +120,11 @@ def _stdin(inputs: list[str]):
     return sys.stdin
 
 
+def _check_scale(scale: float | None, flag: str) -> None:
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"{flag} {scale}: must be a positive finite number")
+
+
 def _load_model(model, weights, models, device, attn, download, **kw):
     vae, info = api.load(model, weights=weights, device=device, attn=attn, models_file=models, download=download, **kw)
     if vae.config.in_channels != 3 or vae.config.out_ch != 3:
@@ -206,7 +212,8 @@ def _roundtrip_table(records: list[run.Record]) -> None:
 def encode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the latent files (mirrors the inputs)."),
            model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
-           models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+           models: Optional[Path] = opt.ModelsFile, scaling_factor: Optional[float] = opt.ScalingFactor,
+           shift_factor: Optional[float] = opt.ShiftFactor, device: str = opt.Device, dtype: str = opt.Dtype,
            attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
@@ -221,6 +228,10 @@ def encode(inputs: list[str] = Inputs,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
     (T, C, h, w)); complete ones are skipped on a rerun."""
+    # the latent scale first: weights that nobody gave a scale for are refused before any work
+    _check_scale(scaling_factor, "--scaling-factor")
+    api.weights_settings(model, weights=weights, models_file=models, download=download,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
@@ -232,7 +243,8 @@ def encode(inputs: list[str] = Inputs,
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
     items = scale.part(media.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
-    vae, info = _load_model(model, weights, models, device, attn, download)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            scaling_factor=scaling_factor, shift_factor=shift_factor)
     _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options, json,
              quiet, rank, claims=Claims())
 
