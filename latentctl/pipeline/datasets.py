@@ -11,7 +11,7 @@ the shard is already done (and skips it whole if so), and tells the sink when it
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
-from . import run, sources
+from . import media, run, sources
 from .inputs import Item
 from .sinks import FileSink, ShardSink
 
@@ -63,11 +63,11 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
         shards = part(sources.discover_shards(specs, exclude=out_dir))
         sink = ShardSink(out_dir, overwrite=overwrite) if to == "wds" else FileSink(out_dir, index=True)
         return _stream(shards, sink, "image"), sink
-    items = run.plan_encode(inputs, out_dir, stdin_lines=stdin_lines)
-    if to == "files":
+    if to == "files":  # images and clips (media.py), one file each
         if shard_size is not None:
             raise UsageError("--shard-size is for --to wds")
-        return part(items), FileSink(out_dir, index=True)
+        return part(media.plan_encode(inputs, out_dir, stdin_lines=stdin_lines)), FileSink(out_dir, index=True)
+    items = run.plan_encode(inputs, out_dir, stdin_lines=stdin_lines)  # images only: a shard sample is one image
     if not items:
         raise UsageError("no input files found")
     grouped = sources.group_files(items, shard_size or DEFAULT_SHARD_SIZE)
@@ -78,7 +78,8 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
     return _stream(part(list(groups)), sink, "image", groups), sink
 
 
-def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", stdin_lines=None, part=None):
+def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", clip_format: str = "mp4",
+                stdin_lines=None, part=None):
     """(items, sink) for decode_files: latent files, or latent shards (each sample's image goes to
     OUT/SHARD/KEY.png with its carried members beside it)."""
     out_dir = Path(out_dir)
@@ -88,7 +89,7 @@ def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", stdin_
     sink = FileSink(out_dir, "." + image_format)
     if sources.is_shard_input(specs):
         return _stream(part(sources.discover_shards(specs, exclude=out_dir)), sink, "latent"), sink
-    return part(run.plan_decode(inputs, out_dir, image_format, stdin_lines=stdin_lines)), sink
+    return part(media.plan_decode(inputs, out_dir, image_format, clip_format, stdin_lines=stdin_lines)), sink
 
 
 def first_latent_metadata(inputs: list[str], stdin_lines=None) -> dict | None:
