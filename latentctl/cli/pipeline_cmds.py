@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from .. import api
+from ..modules import precision
 from ..errors import UsageError
 from ..pipeline import images, run
 from ..pipeline.latents import read_metadata
@@ -190,7 +191,8 @@ def encode(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels))
     run.check_options(options)
     items = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
-    vae, info = _load_model(model, weights, models, device, attn, download)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            dtype=precision.weights_dtype(options.dtype))  # bf16: weights held in bf16
     _execute("encode", run.encode_files, vae, info, items, options, json, quiet)
 
 
@@ -218,7 +220,8 @@ def decode(inputs: list[str] = Inputs,
     items = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
     if model is None and weights is None:
         model, weights = _model_from_files(items, models)
-    vae, info = _load_model(model, weights, models, device, attn, download)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            dtype=precision.weights_dtype(options.dtype))  # bf16: weights held in bf16
     _execute("decode", run.decode_files, vae, info, items, options, json, quiet)
 
 
@@ -258,5 +261,6 @@ def roundtrip(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels))
     run.check_options(options)
     items = run.plan_roundtrip(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
-    vae, info = _load_model(model, weights, models, device, attn, download)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            dtype=precision.weights_dtype(options.dtype))  # bf16: weights held in bf16
     _execute("roundtrip", run.roundtrip_files, vae, info, items, options, json, quiet)
