@@ -13,6 +13,10 @@ Dtype = typer.Option("auto", "--dtype", help="Compute precision: auto | fp32 | b
                                                "safe one (bf16 on GPUs, fp32 on CPUs without bf16 kernels).")
 Attn = typer.Option("sdpa", "--attn", help="Attention backend: sdpa (torch, default) | xformers (CUDA, optional "
                                            "extra) | linear (O(N); on ordinary checkpoints an approximation).")
+ScalingFactor = typer.Option(None, "--scaling-factor", help="Latent scale: model-ready = (z - shift) * scale. "
+                             "Default: the model's entry, the weights' config.json, or the published file's.")
+ShiftFactor = typer.Option(None, "--shift-factor", help="Latent shift (default: from the same place as the scale, "
+                                                        "else 0).")
 Download = typer.Option(False, "--download", help="Download the model's weights if they are not on this machine.")
 Json = typer.Option(False, "--json", help="One JSON object per line on stdout.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr (errors still shown).")
@@ -55,7 +59,14 @@ Flip = typer.Option(False, "--flip", help="With --buckets: also store `latent_fl
 ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
+# scale-out (latentctl/dist)
+Shard = typer.Option(None, "--shard", help="Do part K of N (K from 0), e.g. 0/4: N runs with K = 0..N-1 together do "
+                                           "every input once. Default: from torchrun (RANK, WORLD_SIZE) or SLURM "
+                                           "(SLURM_PROCID, SLURM_NTASKS), else everything.")
+ShardBy = typer.Option("bytes", "--shard-by", help="Balance the N parts by input bytes (default) or by count.")
+
 __all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "FailFast", "Flip",
            "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
+           "Overwrite", "Path", "Quality", "Quiet", "Resize", "ScalingFactor", "Seed", "Shard", "ShardBy", "ShiftFactor",
+           "SpillDir",
            "Store", "Tile", "TileSize", "TooSmall", "Weights", "Workers"]

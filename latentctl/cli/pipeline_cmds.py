@@ -6,6 +6,7 @@ Exit: 0 all ok; 1 some inputs failed; 2 usage/model/weights error; 130 Ctrl-C (1
 in flight finished.
 """
 
+import math
 import os
 import re
 import signal
@@ -20,8 +21,9 @@ from .. import api, buckets as bucketing
 from ..errors import UsageError
 from ..pipeline import images, run
 from ..pipeline.latents import read_metadata
+from ..dist.claims import Claims
 from . import options as opt
-from . import output
+from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
                                   "one per line.")
@@ -103,6 +105,11 @@ def _stdin(inputs: list[str]):
     return sys.stdin
 
 
+def _check_scale(scale: float | None, flag: str) -> None:
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"{flag} {scale}: must be a positive finite number")
+
+
 def _load_model(model, weights, models, device, attn, download, **kw):
     vae, info = api.load(model, weights=weights, device=device, attn=attn, models_file=models, download=download, **kw)
     if vae.config.in_channels != 3 or vae.config.out_ch != 3:
@@ -110,9 +117,11 @@ def _load_model(model, weights, models, device, attn, download, **kw):
     return vae, info
 
 
-def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool) -> None:
-    """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code."""
-    if not items:
+def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, rank=None,
+             **extra) -> None:
+    """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code.
+    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
+    if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
     stop, caught = threading.Event(), []
 
@@ -148,7 +157,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
-        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop)
+        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **extra)
     finally:
         if bar is not None:
             bar.stop()
@@ -157,7 +166,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if verb == "roundtrip" and not json:
         _roundtrip_table(records)
     seed = f", seed {summary.seed}" if summary.seed is not None else ""
-    output.info(f"{verb}: {summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed of {summary.total} "
+    who = f"rank {rank.label}: " if rank is not None and rank.count > 1 else ""
+    output.info(f"{who}{verb}: {summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed of {summary.total} "
                 f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s{seed})", quiet)
     if closed:
         raise typer.Exit(128 + signal.SIGPIPE)
@@ -182,7 +192,8 @@ def _roundtrip_table(records: list[run.Record]) -> None:
 def encode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the latent files (mirrors the inputs)."),
            model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
-           models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+           models: Optional[Path] = opt.ModelsFile, scaling_factor: Optional[float] = opt.ScalingFactor,
+           shift_factor: Optional[float] = opt.ShiftFactor, device: str = opt.Device, dtype: str = opt.Dtype,
            attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
@@ -191,8 +202,14 @@ def encode(inputs: list[str] = Inputs,
            too_small: str = opt.TooSmall, flip: bool = opt.Flip, overwrite: bool = opt.Overwrite,
            fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+    # the latent scale first: weights that nobody gave a scale for are refused before any work
+    _check_scale(scaling_factor, "--scaling-factor")
+    api.weights_settings(model, weights=weights, models_file=models, download=download,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
+    rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
@@ -201,9 +218,10 @@ def encode(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels, crop=crop),
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
-    items = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
-    vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("encode", run.encode_files, vae, info, items, options, json, quiet)
+    items = scale.part(run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            scaling_factor=scaling_factor, shift_factor=shift_factor)
+    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
 
 
 def decode(inputs: list[str] = Inputs,
@@ -220,18 +238,21 @@ def decode(inputs: list[str] = Inputs,
            image_format: str = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
+    rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    items = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    items = scale.part(run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs)), rank,
+                       shard_by)
     if model is None and weights is None:
         model, weights = _model_from_files(items, models)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", run.decode_files, vae, info, items, options, json, quiet)
+    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
 
 
 def _model_from_files(items, models) -> tuple:

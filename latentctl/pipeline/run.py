@@ -251,7 +251,33 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
-def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop) -> Summary:
+def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop, claims=None) -> Summary:
+    """Every item once, through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
+    claimed before it is loaded, so runs sharing the output folder split the items; items another live run holds
+    are done in later rounds, once free (or skipped, once that run has written them)."""
+    if claims is None:
+        return _drive_round(items, check, load, compute, finish, options, report, stop)
+    started = time.perf_counter()
+    summary, stop, rounds = Summary(total=len(items)), stop if stop is not None else threading.Event(), 0
+    try:
+        while items:
+            before = claims.by_others
+            part = _drive_round(items, check, load, compute, finish, options, report, stop, claims)
+            if rounds:  # everything skipped in a later round was written by another run meanwhile
+                claims.by_others = before + part.skipped
+            rounds += 1
+            summary.ok, summary.skipped, summary.failed = (summary.ok + part.ok, summary.skipped + part.skipped,
+                                                           summary.failed + part.failed)
+            items = claims.wait_deferred(lambda: stop.is_set() or (options.fail_fast and summary.failed > 0))
+    finally:
+        claims.close()
+    summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _drive_round(items: list[Item], check, load, compute, finish, options: Options, report, stop,
+                 claims=None) -> Summary:
     started = time.perf_counter()
     summary = Summary(total=len(items))
     stop = stop if stop is not None else threading.Event()
@@ -260,6 +286,8 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
         summary.ok += record.status == "ok"
         summary.skipped += record.status == "skipped"
         summary.failed += record.status == "error"
+        if claims is not None and record.output is not None:
+            claims.release(Path(record.output))  # after the write: the output is in place (or failed)
         if report is not None:
             report(record)
 
@@ -277,7 +305,8 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
     with ThreadPoolExecutor(workers, "latentctl-load") as loader, \
             ThreadPoolExecutor(workers, "latentctl-write") as writer:
         pending, writes, buckets = deque(), deque(), {}
-        source = iter(todo)
+        source = iter(todo) if claims is None else claims.take(
+            todo, check, options.overwrite, lambda item: emit(Record(item.source, str(item.output), "skipped")))
 
         def fill() -> None:
             while len(pending) < ahead and (item := next(source, None)) is not None:
@@ -440,9 +469,12 @@ def _run_seed(options: Options) -> int | None:
 
 
 def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None) -> Summary:
+                 stop: threading.Event | None = None, claims=None) -> Summary:
     """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
     warn = warn or (lambda message: None)
+    if getattr(info, "settings", None) == "unknown":
+        raise UsageError(f"{info.weights}: no latent scale known for these weights; load them with a model name "
+                         "or scaling_factor= (and shift_factor=) before writing latents")
     seed = _run_seed(options)
     settings = _encode_settings(vae, info, options, seed)
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
@@ -468,7 +500,8 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         return Record(job.item.source, str(job.item.output), "ok", shape=list(tensors["latent"].shape))
 
     summary = _drive(items, lambda path: latents.check(path, settings),
-                     lambda item: _load_image_job(item, vae, options, seed), compute, finish, options, report, stop)
+                     lambda item: _load_image_job(item, vae, options, seed), compute, finish, options, report, stop,
+                     claims)
     summary.seed = seed
     return summary
 
@@ -540,7 +573,7 @@ def _write_image(path: Path, rgb: np.ndarray, options: Options) -> None:
 
 
 def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None) -> Summary:
+                 stop: threading.Event | None = None, claims=None) -> Summary:
     """Decode latent files to images cropped to their valid box (items from plan_decode)."""
     warn = warn or (lambda message: None)
     device = next(vae.parameters()).device
@@ -557,7 +590,7 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         return ("done", "") if images.is_valid_image(path) else ("redo", "")
 
     return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
-                  options, report, stop)
+                  options, report, stop, claims)
 
 
 # --- roundtrip ------------------------------------------------------------------------------------------------
