@@ -180,6 +180,7 @@ def test_train_unet_example_lowers_the_loss(tmp_path, capsys):
     torch.manual_seed(0)
     vae = AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1))
     save_file(vae.state_dict(), tmp_path / "vae.safetensors")
+    (tmp_path / "config.json").write_text('{"scaling_factor": 1.0, "shift_factor": 0.0}')  # raw latents, said so
     sizes = [(90, 60), (60, 90), (70, 70), (140, 64), (64, 140), (80, 66)]
     for i, name in enumerate(["astronaut", "chelsea", "coffee", "camera", "rocket", "cat"]):
         Image.fromarray(getattr(sk, name)()).convert("RGB").resize(sizes[i % 6]).save(tmp_path / f"{i}.png")
