@@ -19,6 +19,7 @@ from typing import Optional
 import typer
 
 from .. import api, buckets as bucketing
+from ..modules import precision
 from ..errors import UsageError
 from ..pipeline import datasets, images, media, run
 from ..pipeline.clip_writers import CLIP_FORMATS
@@ -139,6 +140,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
+    # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
+    vae = precision.hold(vae, precision.weights_dtype(options.dtype))
     stop, caught = threading.Event(), []
 
     def on_signal(signum, frame):

@@ -9,6 +9,7 @@ All model compute goes through encode_batch() and decode_batch(), which tile (la
 or when a batch would not fit in memory.
 """
 
+import copy
 import hashlib
 import math
 import secrets
@@ -26,7 +27,7 @@ import torch
 from .. import __version__, buckets as bucketing, tiling
 from ..errors import InputError, LatentctlError, Skip, UsageError
 from ..metrics import psnr, ssim
-from ..modules import AutoencoderKL, DiagonalGaussian
+from ..modules import AutoencoderKL, DiagonalGaussian, precision
 from . import images, latents
 from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume_one
 from .sinks import FileSink
@@ -39,7 +40,7 @@ TILE_MODES = tiling.MODES
 class Options:
     """Everything a run needs besides the model and the inputs (the CLI fills it from the flags)."""
 
-    dtype: torch.dtype = torch.float32      # compute precision; bf16/fp16 run under autocast
+    dtype: torch.dtype = torch.float32      # compute precision (autocast unless the weights are held in it)
     batch_size: int = 4
     workers: int = 4                        # loader threads, and as many writer threads
     store: str = "mean"                     # mean | sample | posterior
@@ -117,13 +118,23 @@ class _Job:
 # --- the two seams: every model call of the pipeline goes through one of these -------------------------------
 
 def _autocast(vae: AutoencoderKL, options: Options):
+    """Autocast only for float32 weights computing in bf16/fp16; weights held in the compute dtype
+    (latentctl.load(dtype=...), what the CLI does for bf16) need no per-call casts."""
     device = next(vae.parameters()).device
-    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != torch.float32)
+    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != vae.dtype)
+
+
+def _model_for(vae: AutoencoderKL, options: Options) -> AutoencoderKL:
+    """vae, or, when fp32 is asked of weights held in bf16 (the redo after an overflow), an fp32 copy of it."""
+    if options.dtype == torch.float32 and vae.dtype != torch.float32:
+        return precision.hold(copy.deepcopy(vae), torch.float32)
+    return vae
 
 
 def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> DiagonalGaussian:
     """Images (B, 3, H, W) in [-1, 1] -> posterior with float32 mean/logvar (B, C, h, w).
     Tiled when options.tile says so (auto: when the untiled batch would not fit options.max_memory)."""
+    vae = _model_for(vae, options)
     with torch.inference_mode(), _autocast(vae, options):
         posterior = tiling.encode(vae, x, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
                                   dtype=options.dtype, spill=options.spill)
@@ -132,6 +143,7 @@ def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> Diago
 
 def decode_batch(vae: AutoencoderKL, z: torch.Tensor, options: Options) -> torch.Tensor:
     """Raw latents (B, C, h, w) -> images (B, 3, H, W), float32, about [-1, 1] (not clamped). Tiled as encode_batch."""
+    vae = _model_for(vae, options)
     with torch.inference_mode(), _autocast(vae, options):
         return tiling.decode(vae, z, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
                              dtype=options.dtype, spill=options.spill).float()
