@@ -112,9 +112,10 @@ def _load_model(model, weights, models, device, attn, download, **kw):
 
 
 def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, rank=None,
-             **extra) -> None:
+             progress=None, **extra) -> None:
     """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code.
-    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
+    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `progress` (a
+    dist.progress.ProgressWriter) gets every record; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
     stop, caught = threading.Event(), []
@@ -132,6 +133,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     bar = output.progress(len(items), verb, quiet)
 
     def report(record: run.Record) -> None:
+        if progress is not None:
+            progress.add(record)
         if record.status == "error":
             output.error(f"{record.input}: {record.error}")
         elif record.status == "skipped" and record.error:  # skipped on purpose, with the reason (never silent)
@@ -151,8 +154,11 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
+        summary = None
         summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **extra)
     finally:
+        if progress is not None:
+            progress.close(finished=summary is not None and not summary.interrupted)
         if bar is not None:
             bar.stop()
         for s, h in handlers.items():
@@ -207,9 +213,12 @@ def encode(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels, crop=crop),
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
-    items = scale.part(run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
+    planned = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
+    items = scale.part(planned, rank, shard_by)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+    claims = Claims()
+    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank,
+             scale.progress(out, rank, planned, items, claims), claims=claims)
 
 
 def decode(inputs: list[str] = Inputs,
@@ -235,12 +244,14 @@ def decode(inputs: list[str] = Inputs,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    items = scale.part(run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs)), rank,
-                       shard_by)
+    planned = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    items = scale.part(planned, rank, shard_by)
     if model is None and weights is None:
         model, weights = _model_from_files(items, models)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+    claims = Claims()
+    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank,
+             scale.progress(out, rank, planned, items, claims), claims=claims)
 
 
 def _model_from_files(items, models) -> tuple:

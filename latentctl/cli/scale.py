@@ -3,6 +3,7 @@
 import torch
 
 from ..dist import ranks
+from ..dist.progress import ProgressWriter
 from ..errors import UsageError
 
 
@@ -20,3 +21,11 @@ def part(items: list, rank: ranks.Rank, shard_by: str) -> list:
     if not items:
         raise UsageError("no input files found")
     return ranks.select(items, rank, shard_by)
+
+
+def progress(out, rank: ranks.Rank, planned: list, items: list, claims) -> ProgressWriter:
+    """This run's progress file in OUT/ (read by `latentctl status`)."""
+    try:
+        return ProgressWriter(out, rank.index, rank.count, len(planned), len(items), claims=claims)
+    except OSError as e:
+        raise UsageError(f"--output {out}: cannot write there: {e.strerror or e}") from None
