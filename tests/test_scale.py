@@ -308,3 +308,84 @@ def test_status_command_reads_the_ranks_progress(imgs, tiny, tmp_path, capsys):
     assert code == 0 and f"job: {N}/{N} done (100.0%), 0 failed" in text and "ETA 0m00s" in text
     code, _, err = cli(capsys, "status", tmp_path)
     assert code == 2 and "no progress records" in err
+
+
+# --- the Ray engine ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, no dashboard) for the Ray tests of this module."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def ray_encode(imgs, tiny, out, report=None):
+    from latentctl import load
+    from latentctl.engines import ray as engine
+    from latentctl.pipeline import Options
+    vae, info = load(None, weights=str(tiny), device="cpu")
+    items = plan_encode([str(imgs)], out)
+    return engine.encode_files(vae, info, items, Options(workers=2), report=report)
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_single_process_outputs(imgs, tiny, single, tmp_path, capsys, ray_cluster):
+    """`encode --engine ray` (here on the module's local cluster): the single process's files, each item once,
+    its progress in `status`; a rerun skips everything (the same resume rule)."""
+    out = tmp_path / "out"
+    code, text, err = cli(capsys, "encode", imgs, "-o", out, "-w", tiny, "--engine", "ray", "--json")
+    assert code == 0, err
+    assert sorted(r["output"] for r in records(text) if r["status"] == "ok") == sorted(
+        str(out / k) for k in outputs(single))
+    same_latents(single, out)
+    assert leftovers(out) == []
+    code, text, _ = cli(capsys, "status", out, "--json")
+    assert json.loads(text)["done"] == N
+    summary = ray_encode(imgs, tiny, out)
+    assert (summary.ok, summary.skipped) == (0, N)
+
+
+def test_engine_flags_are_checked(imgs, tiny, tmp_path, capsys):
+    code, _, err = cli(capsys, "encode", imgs, "-o", tmp_path, "-w", tiny, "--engine", "spark")
+    assert code == 2 and "--engine 'spark': choose threads, ray" in err
+    code, _, err = cli(capsys, "encode", imgs, "-o", tmp_path, "-w", tiny, "--ray-address", "auto")
+    assert code == 2 and "--ray-address goes with --engine ray" in err
+
+
+def _actor_pids() -> list[int]:
+    """Processes of Ray Data's model actors (their title names the actor class)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "MapWorker" in title and "_Encoder" in title:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_actor_killed_mid_run_still_writes_every_output_once(imgs, tiny, single, tmp_path, ray_cluster):
+    """SIGKILL of the model actor after its first results: Ray restarts it and retries its batch; the run ends
+    with every item reported once, every output complete and equal to the single process's."""
+    import signal
+    killed = []
+
+    def report(record):
+        seen.append(record)
+        if not killed:
+            for pid in set(_actor_pids()) - before:  # this run's actor, not one of an earlier run still exiting
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, len(seen)))
+    seen, before = [], set(_actor_pids())
+    summary = ray_encode(imgs, tiny, tmp_path / "out", report)
+    assert killed, "no actor process found to kill"
+    assert len(seen) == N and killed[0][1] < N  # each item reported once, some of them after the kill
+    assert (summary.ok, summary.failed) == (N, 0)
+    assert sorted(r.output for r in seen) == sorted(str(tmp_path / "out" / k) for k in outputs(single))
+    same_latents(single, tmp_path / "out")
+    assert leftovers(tmp_path / "out") == []

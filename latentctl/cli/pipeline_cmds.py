@@ -202,9 +202,11 @@ def encode(inputs: list[str] = Inputs,
            fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
-           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy, engine: str = opt.Engine,
+           ray_address: Optional[str] = opt.RayAddress):
     """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
     rank, device = scale.setup(shard, shard_by, device)
+    fn, engine_args = scale.engine(engine, ray_address)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
@@ -216,9 +218,9 @@ def encode(inputs: list[str] = Inputs,
     planned = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
     items = scale.part(planned, rank, shard_by)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    claims = Claims()
-    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank,
-             scale.progress(out, rank, planned, items, claims), claims=claims)
+    claims = Claims() if fn is None else None
+    _execute("encode", fn or run.encode_files, vae, info, items, options, json, quiet, rank,
+             scale.progress(out, rank, planned, items, claims), **(engine_args or dict(claims=claims)))
 
 
 def decode(inputs: list[str] = Inputs,

@@ -29,3 +29,20 @@ def progress(out, rank: ranks.Rank, planned: list, items: list, claims) -> Progr
         return ProgressWriter(out, rank.index, rank.count, len(planned), len(items), claims=claims)
     except OSError as e:
         raise UsageError(f"--output {out}: cannot write there: {e.strerror or e}") from None
+
+
+ENGINES = ("threads", "ray")
+
+
+def engine(name: str, ray_address: str | None):
+    """(encode function, its extra arguments) for --engine; (None, None) for the default threads."""
+    if name not in ENGINES:
+        raise UsageError(f"--engine {name!r}: choose {', '.join(ENGINES)}")
+    if name == "threads":
+        if ray_address is not None:
+            raise UsageError("--ray-address goes with --engine ray")
+        return None, None
+    from ..engines import ray as ray_engine
+
+    ray_engine.check_installed()
+    return ray_engine.encode_files, dict(address=ray_address)

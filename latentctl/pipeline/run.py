@@ -251,6 +251,17 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
+def item_error(item_or_job, error) -> Record:
+    """The error Record of an item (or a job) from a message or an exception."""
+    item = getattr(item_or_job, "item", item_or_job)
+    if isinstance(error, str) or isinstance(error, InputError):
+        return _error(item, str(error), getattr(item_or_job, "seconds", 0.0))
+    return _error(item, f"{type(error).__name__}: {_first_line(error)}", getattr(item_or_job, "seconds", 0.0))
+
+
+load_item, compute_items, finish_item = _load, _compute, _finish  # the same per-item rules for other engines
+
+
 def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop, claims=None) -> Summary:
     """Every item once, through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
     claimed before it is loaded, so runs sharing the output folder split the items; items another live run holds
@@ -358,7 +369,8 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
 
 # --- encode ---------------------------------------------------------------------------------------------------
 
-def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int | None = None) -> _Job:
+def load_image_job(item: Item, factor: int, options: Options, seed: int | None = None) -> _Job:
+    """Read, decode and prepare one image (no model needed: a Ray read task calls it)."""
     try:
         data = item.path.read_bytes()
     except OSError as e:
@@ -366,7 +378,7 @@ def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int 
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
     info = {"loaded": loaded, "sha256": hashlib.sha256(data).hexdigest()}
     if options.buckets is None:
-        x, info["geometry"] = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
+        x, info["geometry"] = images.prepare(loaded.rgb, factor=factor, resize=options.resize,
                                              center_crop=options.center_crop)
     else:  # aspect buckets: latentctl/buckets.py decides the size and the crop
         x, p = bucketing.prepare(loaded.rgb, options.buckets, crop=options.crop, too_small=options.too_small,
@@ -468,11 +480,22 @@ def _run_seed(options: Options) -> int | None:
     return options.seed if options.seed is not None else secrets.randbits(63)
 
 
-def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None, claims=None) -> Summary:
-    """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
+@dataclass
+class Steps:
+    """What one command does to an item, for any engine: check(output) -> resume state, load(item) -> _Job,
+    compute(jobs) -> result or Exception per job, finish(job, result) -> Record (writes the output)."""
+
+    check: object
+    load: object
+    compute: object
+    finish: object
+    seed: int | None = None
+
+
+def encode_steps(vae: AutoencoderKL, info, options: Options, *, warn=None, seed=None) -> Steps:
+    """encode's steps. seed: the run's seed for store=sample (None: the given one or a fresh draw)."""
     warn = warn or (lambda message: None)
-    seed = _run_seed(options)
+    seed = seed if seed is not None else _run_seed(options)
     settings = _encode_settings(vae, info, options, seed)
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
     info = replace(info, weights=weights)  # recorded absolute, so decode finds it from any folder
@@ -496,11 +519,21 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
         return Record(job.item.source, str(job.item.output), "ok", shape=list(tensors["latent"].shape))
 
-    summary = _drive(items, lambda path: latents.check(path, settings),
-                     lambda item: _load_image_job(item, vae, options, seed), compute, finish, options, report, stop,
-                     claims)
-    summary.seed = seed
+    return Steps(lambda path: latents.check(path, settings), image_loader(vae.config.factor, options, seed), compute,
+                 finish, seed)
+
+
+def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, claims=None) -> Summary:
+    """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
+    steps = encode_steps(vae, info, options, warn=warn)
+    summary = _drive(items, steps.check, steps.load, steps.compute, steps.finish, options, report, stop, claims)
+    summary.seed = steps.seed
     return summary
+
+
+def image_loader(factor: int, options: Options, seed=None):
+    return lambda item: load_image_job(item, factor, options, seed)
 
 
 # --- decode ---------------------------------------------------------------------------------------------------
@@ -633,7 +666,7 @@ def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Option
         return Record(job.item.source, str(job.item.output) if job.item.output else None, "ok",
                       shape=[3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
 
-    summary = _drive(items, None, lambda item: _load_image_job(item, vae, options), compute, finish,
+    summary = _drive(items, None, lambda item: load_image_job(item, vae.config.factor, options), compute, finish,
                      options, report, stop)
     summary.seed = seed
     return summary
