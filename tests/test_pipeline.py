@@ -226,7 +226,9 @@ def test_tiled_encode_decode_is_plugged_in(photos, models, tmp_path, capsys, mon
 
     monkeypatch.setattr(tiling, "plan", plan)
     monkeypatch.setattr(tiling, "_execute", execute)
-    for name, extra in (("whole", ["--tile", "off"]), ("tiled", ["--tile", "on", "--tile-size", "32"])):
+    # fp32: the bounds below are float32 rounding (auto is bf16 on a CPU with bf16 kernels)
+    for name, extra in (("whole", ["--tile", "off", "--dtype", "fp32"]),
+                        ("tiled", ["--tile", "on", "--tile-size", "32", "--dtype", "fp32"])):
         plans.clear(), executed.clear()
         code, _, err = run_main(capsys, "encode", photos / "odd.png", "-o", tmp_path / name, "-w", models["tiny"],
                                 *extra)
