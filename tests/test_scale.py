@@ -34,6 +34,8 @@ def tiny(tmp_path_factory) -> Path:
     vae = AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
     path = tmp_path_factory.mktemp("model") / "vae.safetensors"
     save_file(vae.state_dict(), path)
+    # raw latents, said so: weights need a stated scale to be encoded with (issue 14)
+    (path.parent / "config.json").write_text('{"scaling_factor": 1.0, "shift_factor": 0.0}')
     return path
 
 
@@ -102,7 +104,8 @@ def same_latents(a: Path, b: Path, exact: bool = False) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """Hidden files left in an output folder (claims, temp files) besides the progress records."""
-    return sorted(p.name for p in folder.rglob(".*") if ".latentctl-progress" not in p.parts)
+    return sorted(p.name for p in folder.rglob(".*")
+                  if ".latentctl-progress" not in p.parts and p.name != ".latentctl-index.lock")
 
 
 # --- ranks ---------------------------------------------------------------------------------------------------
@@ -189,6 +192,9 @@ def test_torchrun_two_ranks_write_the_single_process_bytes(imgs, tiny, tmp_path)
     done = [r["output"] for r in records(ranked.stdout)]
     assert len(done) == N and len(set(done)) == N
     same_latents(tmp_path / "one", tmp_path / "two", exact=True)
+    import pyarrow.parquet as pq  # both ranks merged their rows into one index (one at a time)
+    rows = pq.read_table(tmp_path / "two" / "index.parquet").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(outputs(tmp_path / "one")) and {r["status"] for r in rows} == {"ok"}
 
 
 # --- claims ----------------------------------------------------------------------------------------------------

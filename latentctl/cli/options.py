@@ -10,9 +10,13 @@ Weights = typer.Option(None, "--weights", "-w", help="Weights file or diffusers 
 ModelsFile = typer.Option(None, "--models", help="Extra models.toml that adds or overrides entries.")
 Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 Dtype = typer.Option("auto", "--dtype", help="Compute precision: auto | fp32 | bf16 | fp16. auto picks the fastest "
-                                               "safe one (bf16 on GPUs, fp32 on CPUs without bf16 kernels).")
+                                               "safe one: bf16 on GPUs and on CPUs with bf16 kernels (AVX-512 BF16/AMX), else fp32.")
 Attn = typer.Option("sdpa", "--attn", help="Attention backend: sdpa (torch, default) | xformers (CUDA, optional "
                                            "extra) | linear (O(N); on ordinary checkpoints an approximation).")
+ScalingFactor = typer.Option(None, "--scaling-factor", help="Latent scale: model-ready = (z - shift) * scale. "
+                             "Default: the model's entry, the weights' config.json, or the published file's.")
+ShiftFactor = typer.Option(None, "--shift-factor", help="Latent shift (default: from the same place as the scale, "
+                                                        "else 0).")
 Download = typer.Option(False, "--download", help="Download the model's weights if they are not on this machine.")
 Json = typer.Option(False, "--json", help="One JSON object per line on stdout.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr (errors still shown).")
@@ -52,7 +56,16 @@ TooSmall = typer.Option("upscale", "--too-small", help="With --buckets, an image
                                                      "enlarged): upscale (default) | skip (reported as skipped).")
 Flip = typer.Option(False, "--flip", help="With --buckets: also store `latent_flipped`, the latent of the mirrored "
                                           "crop, computed in the same batch.")
-ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
+ImageFormat = typer.Option(None, "--format", help="Files written: for images png (default) | jpg | webp; for clips "
+                                                  "mp4 (default) | gif | webp, or png | jpg: a folder of frames.")
+
+# clips (videos, animated GIF/WebP/PNG)
+FrameStep = typer.Option(1, "--frame-step", help="Clips: encode every Nth frame.")
+Fps = typer.Option(None, "--fps", help="Clips: resample to this rate by timestamp (the first frame in each 1/F "
+                                       "seconds; never above the clip's own rate).")
+MaxFrames = typer.Option(None, "--max-frames", help="Clips: stop after this many selected frames.")
+Start = typer.Option(0.0, "--start", help="Clips: first second to encode.")
+End = typer.Option(None, "--end", help="Clips: encode frames before this second.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
 # scale-out (latentctl/dist)
@@ -65,7 +78,8 @@ Engine = typer.Option("threads", "--engine", help="threads: this process (defaul
 RayAddress = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray (e.g. auto, "
                                                       "ray://head:10001); default: start a local one.")
 
-__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "FailFast", "Flip",
-           "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional", "Engine", "RayAddress",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "Shard", "ShardBy", "SpillDir",
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End", "Engine",
+           "FailFast", "Flip", "Fps", "FrameStep", "ImageFormat", "Json", "LatentDtype", "MaxFrames", "MaxMemory",
+           "MaxPixels", "Model", "ModelsFile", "Optional", "Overwrite", "Path", "Quality", "Quiet", "RayAddress", "Resize",
+           "ScalingFactor", "Seed", "Shard", "ShardBy", "ShiftFactor", "SpillDir", "Start",
            "Store", "Tile", "TileSize", "TooSmall", "Weights", "Workers"]

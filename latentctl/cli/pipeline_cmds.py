@@ -6,6 +6,8 @@ Exit: 0 all ok; 1 some inputs failed; 2 usage/model/weights error; 130 Ctrl-C (1
 in flight finished.
 """
 
+import functools
+import math
 import os
 import re
 import signal
@@ -17,15 +19,19 @@ from typing import Optional
 import typer
 
 from .. import api, buckets as bucketing
+from ..modules import precision
 from ..errors import UsageError
-from ..pipeline import images, run
+from ..pipeline import datasets, images, media, run
+from ..pipeline.clip_writers import CLIP_FORMATS
+from ..pipeline.frames import Selection
 from ..pipeline.latents import read_metadata
 from ..dist.claims import Claims
 from . import options as opt
 from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line.")
+                                  "one per line; or WebDataset tar shards: .tar files, a folder of them (an "
+                                  "img2dataset output folder as it is), globs, or brace ranges s/{00000..00099}.tar.")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -82,12 +88,24 @@ def _bucket_options(*, buckets, crop, too_small, flip) -> dict:
     return dict(buckets=bucketing.parse(buckets) if buckets else None, crop=crop, too_small=too_small, flip=flip)
 
 
-def _format(image_format: str, quality: int) -> dict:
-    if image_format not in images.FORMATS:
-        raise UsageError(f"--format {image_format!r}: choose {', '.join(images.FORMATS)}")
+def _format(image_format: str | None, quality: int) -> dict:
+    """Options for images; --format mp4/gif is kept as asked (image inputs then fail one by one)."""
+    choices = dict.fromkeys([*images.FORMATS, *CLIP_FORMATS])
+    if image_format is not None and image_format not in choices:
+        raise UsageError(f"--format {image_format!r}: choose {', '.join(choices)}")
     if not 1 <= quality <= 100:
         raise UsageError(f"--quality {quality}: must be 1-100")
-    return dict(image_format=image_format, quality=quality)
+    return dict(image_format=image_format or "png", quality=quality)
+
+
+def _clip_format(image_format: str | None) -> str:
+    return image_format or "mp4"
+
+
+def _selection(frame_step, fps, max_frames, start, end) -> Selection:
+    selection = Selection(frame_step=frame_step, fps=fps, max_frames=max_frames, start=start, end=end)
+    selection.check()
+    return selection
 
 
 def _out_dir(out: Path | None) -> Path | None:
@@ -101,7 +119,12 @@ def _stdin(inputs: list[str]):
         return None
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
-    return sys.stdin
+    return sys.stdin.readlines()  # read once: the kind of input (shards or files) is decided from them
+
+
+def _check_scale(scale: float | None, flag: str) -> None:
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"{flag} {scale}: must be a positive finite number")
 
 
 def _load_model(model, weights, models, device, attn, download, **kw):
@@ -118,6 +141,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     dist.progress.ProgressWriter) gets every record; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
+    # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
+    vae = precision.hold(vae, precision.weights_dtype(options.dtype))
     stop, caught = threading.Event(), []
 
     def on_signal(signum, frame):
@@ -130,7 +155,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     records, closed = [], []
-    bar = output.progress(len(items), verb, quiet)
+    bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
         if progress is not None:
@@ -187,12 +212,18 @@ def _roundtrip_table(records: list[run.Record]) -> None:
         rows.append(["mean", f"{sum(finite) / len(finite):.2f}" if finite else "inf",
                      f"{sum(ssims) / len(ssims):.4f}" if ssims else "-", f"{sum(r.seconds for r in ok) / len(ok):.2f}"])
     output.table("roundtrip", ["input", "psnr (dB)", "ssim", "seconds"], rows)
+    clips = [r for r in ok if getattr(r, "frames", None) is not None]
+    if clips:  # per clip: psnr/ssim above are means over its frames
+        output.table("roundtrip clips", ["clip", "frames", "fps", "min psnr (dB)", "min ssim", "flicker"],
+                     [[r.input, str(r.frames), f"{r.fps:.3g}", f"{r.psnr_min:.2f}",
+                       "-" if r.ssim_min is None else f"{r.ssim_min:.4f}", f"{r.flicker:.5f}"] for r in clips])
 
 
 def encode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the latent files (mirrors the inputs)."),
            model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
-           models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+           models: Optional[Path] = opt.ModelsFile, scaling_factor: Optional[float] = opt.ScalingFactor,
+           shift_factor: Optional[float] = opt.ShiftFactor, device: str = opt.Device, dtype: str = opt.Dtype,
            attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
@@ -201,10 +232,22 @@ def encode(inputs: list[str] = Inputs,
            too_small: str = opt.TooSmall, flip: bool = opt.Flip, overwrite: bool = opt.Overwrite,
            fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
-           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy, engine: str = opt.Engine,
-           ray_address: Optional[str] = opt.RayAddress):
-    """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+           spill_dir: Optional[str] = opt.SpillDir, frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
+           max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
+           json: bool = opt.Json, quiet: bool = opt.Quiet,
+           to: str = typer.Option("files", "--to", help="files: one .safetensors per image or clip (default) | wds: "
+                                  "WebDataset tar shards of image latents, one per input shard (same name) or "
+                                  "--shard-size images each, with NAME_stats.json written last."),
+           shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
+                                                    f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
+    """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
+    (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
+    OUT/index.parquet lists every image latent."""
+    # the latent scale first: weights that nobody gave a scale for are refused before any work
+    _check_scale(scaling_factor, "--scaling-factor")
+    api.weights_settings(model, weights=weights, models_file=models, download=download,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
     fn, engine_args = scale.engine(engine, ray_address)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
@@ -215,12 +258,22 @@ def encode(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels, crop=crop),
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
-    planned = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
-    items = scale.part(planned, rank, shard_by)
-    vae, info = _load_model(model, weights, models, device, attn, download)
-    claims = Claims() if fn is None else None
-    _execute("encode", fn or run.encode_files, vae, info, items, options, json, quiet, rank,
-             scale.progress(out, rank, planned, items, claims), **(engine_args or dict(claims=claims)))
+    selection = _selection(frame_step, fps, max_frames, start, end)
+    planned = []  # how many items the whole job has (every rank's part)
+    items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
+                                       stdin_lines=_stdin(inputs), part=scale.counted(planned, rank, shard_by))
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            scaling_factor=scaling_factor, shift_factor=shift_factor)
+    if fn is not None:  # --engine ray: image files to latent files
+        scale.check_engine_items(items, to)
+        _execute("encode", fn, vae, info, items, options, json, quiet, rank,
+                 scale.progress(out, rank, planned, items, None), **engine_args)
+    elif isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+        claims = Claims()
+        _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
+                 json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims, sink=sink)
+    else:  # streamed shards, or shards out: ranks split whole shards
+        _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def decode(inputs: list[str] = Inputs,
@@ -234,26 +287,38 @@ def decode(inputs: list[str] = Inputs,
                                                           "multiplied by (default: from the file's metadata)."),
            shift_factor: Optional[float] = typer.Option(None, "--shift-factor", help="Shift subtracted before scaling "
                                                         "(default: from the metadata, else 0)."),
-           image_format: str = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
+           image_format: Optional[str] = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
-    """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
+    """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata);
+    a clip's file to a video at its recorded fps (or a folder of frames with --format png/jpg)."""
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    planned = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
-    items = scale.part(planned, rank, shard_by)
+    stdin_lines = _stdin(inputs)
+    planned = []  # how many items the whole job has
+    items, sink = datasets.plan_decode(inputs, _out_dir(out), image_format=options.image_format,
+                                       clip_format=_clip_format(image_format), stdin_lines=stdin_lines,
+                                       part=scale.counted(planned, rank, shard_by))
     if model is None and weights is None:
-        model, weights = _model_from_files(items, models)
+        if hasattr(items, "__len__"):
+            model, weights = _model_from_files(items, models)
+        else:
+            meta = datasets.first_latent_metadata(inputs, stdin_lines)
+            model, weights = run.model_for_latents(meta, models) if meta is not None else ("default", None)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    claims = Claims()
-    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank,
-             scale.progress(out, rank, planned, items, claims), claims=claims)
+    if isinstance(items, list):
+        claims = Claims()
+        _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
+                 items, options, json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims,
+                 sink=sink)
+    else:  # latent shards: one image per sample
+        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def _model_from_files(items, models) -> tuple:
@@ -278,11 +343,14 @@ def roundtrip(inputs: list[str] = Inputs,
               workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
               latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
               center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
-              max_pixels: int = opt.MaxPixels, image_format: str = opt.ImageFormat, quality: int = opt.Quality,
+              max_pixels: int = opt.MaxPixels, image_format: Optional[str] = opt.ImageFormat, quality: int = opt.Quality,
               fail_fast: bool = opt.FailFast, tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize,
               max_memory: Optional[str] = opt.MaxMemory, spill_dir: Optional[str] = opt.SpillDir,
+              frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
+              max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
               json: bool = opt.Json, quiet: bool = opt.Quiet):
-    """Encode then decode in memory: PSNR and SSIM per image and their mean (a table, or JSON lines)."""
+    """Encode then decode in memory: PSNR and SSIM per image and their mean (a table, or JSON lines); per clip
+    the mean and worst frame and the flicker (mean change of the error between consecutive frames)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=True,
@@ -291,6 +359,10 @@ def roundtrip(inputs: list[str] = Inputs,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels))
     run.check_options(options)
-    items = run.plan_roundtrip(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    selection = _selection(frame_step, fps, max_frames, start, end)
+    items = media.plan_roundtrip(inputs, _out_dir(out), options.image_format, _clip_format(image_format),
+                                 stdin_lines=_stdin(inputs))
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("roundtrip", run.roundtrip_files, vae, info, items, options, json, quiet)
+    _execute("roundtrip", functools.partial(media.roundtrip_files, selection=selection,
+                                            clip_format=_clip_format(image_format)),
+             vae, info, items, options, json, quiet)

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import InputError, UsageError
 from ..pipeline import run
-from ..pipeline.inputs import resume
+from ..pipeline.inputs import resume_one
+from ..pipeline.sinks import FileSink
 
 
 def _ray():
@@ -59,7 +60,7 @@ class _Encoder:
             torch.set_num_threads(threads)
         vae = ray.get(vae_ref[0]).to(self.device)
         self.options = options
-        self.steps = run.encode_steps(vae, info, options, seed=seed)
+        self.steps = run.encode_steps(vae, info, options, FileSink(None), seed=seed)
 
     def __call__(self, batch: dict) -> dict:
         jobs = [pickle.loads(blob) for blob in batch["job"]]
@@ -68,7 +69,7 @@ class _Encoder:
         for n, job in enumerate(jobs):
             if isinstance(job, run.Record):
                 records[n] = job
-            elif not self.options.overwrite and self.steps.check(job.item.output)[0] == "done":
+            elif not self.options.overwrite and self.steps.check(job.item)[0] == "done":
                 # written by an attempt of this run that was lost after the write (the driver skipped older ones)
                 records[n] = run.Record(job.item.source, str(job.item.output), "ok")
             else:
@@ -85,15 +86,16 @@ class _Encoder:
         return {"i": batch["i"], "record": np.array([pickle.dumps(r) for r in records], dtype=object)}
 
 
-def encode_files(vae, info, items, options: run.Options, *, report=None, warn=None, stop=None,
+def encode_files(vae, info, items, options: run.Options, *, report=None, warn=None, stop=None, sink=None,
                  address: str | None = None, actors: int | None = None, num_cpus: int | None = None) -> run.Summary:
     """pipeline.run.encode_files, run on Ray. address: an existing cluster ("auto", "ray://host:10001", ...);
     None starts a local one with num_cpus (default: this machine's). actors: model replicas (default: one per
-    GPU of the cluster, else one)."""
+    GPU of the cluster, else one). Latent files only (`sink`, if given, must be a FileSink: its index is not
+    written by this engine)."""
     ray = _ray()
     started = time.perf_counter()
     warn = warn or (lambda message: None)
-    steps = run.encode_steps(vae, info, options, warn=warn)   # the driver's copy: resume rule, the run's seed
+    steps = run.encode_steps(vae, info, options, FileSink(None), warn=warn)  # the driver's: resume rule, seed
     summary = run.Summary(total=len(items), seed=steps.seed)
 
     def emit(record: run.Record) -> None:
@@ -103,11 +105,15 @@ def encode_files(vae, info, items, options: run.Options, *, report=None, warn=No
         if report is not None:
             report(record)
 
-    todo, done, refused = resume(items, options.overwrite, steps.check)
-    for item in done:
-        emit(run.Record(item.source, str(item.output), "skipped"))
-    for item, reason in refused:
-        emit(run.item_error(item, reason))
+    todo = []
+    for item in items:
+        state, reason = resume_one(item, options.overwrite, steps.check)
+        if state == "done":
+            emit(run.Record(item.source, str(item.output), "skipped", item=item))
+        elif state == "conflict":
+            emit(run.item_error(item, reason))
+        else:
+            todo.append(item)
     own = not ray.is_initialized()
     if own and todo:
         kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
