@@ -240,7 +240,8 @@ def encode(inputs: list[str] = Inputs,
                                   "--shard-size images each, with NAME_stats.json written last."),
            shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
                                                     f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
-           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy, engine: str = opt.Engine,
+           ray_address: Optional[str] = opt.RayAddress):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
     (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
     OUT/index.parquet lists every image latent."""
