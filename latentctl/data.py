@@ -84,6 +84,8 @@ def _tar_members(path: Path) -> list[_Member]:
                     continue
                 folder, _, base = m.name.rpartition("/")
                 stem, _, ext = base.partition(".")
+                if not stem:  # hidden names are no sample's (as in the shard reader of latentctl.pipeline)
+                    continue
                 key = f"{folder}/{stem}" if folder else stem
                 if "." + ext == LATENT_MEMBER:
                     found[key] = (m.offset_data, m.size)
@@ -204,13 +206,11 @@ class LatentDataset(Dataset):
 
     @staticmethod
     def _caption(path, meta: dict) -> str:
-        """The caption: KEY.txt in the shard; NAME.txt beside the latent file, else beside the source image;
-        else metadata `caption`."""
-        if isinstance(path, _Member):
-            if path.caption is not None:
-                return path.read(path.caption).decode("utf-8", "replace").strip()
-            return meta.get("caption", "")
-        candidates = [path.with_suffix(".txt")]
+        """The caption: KEY.txt in the shard, or NAME.txt beside the latent file; else NAME.txt beside the source
+        image; else metadata `caption`; else ""."""
+        if isinstance(path, _Member) and path.caption is not None:
+            return path.read(path.caption).decode("utf-8", "replace").strip()
+        candidates = [] if isinstance(path, _Member) else [path.with_suffix(".txt")]
         if meta.get("source"):
             candidates.append(Path(meta["source"]).with_suffix(".txt"))
         for c in candidates:

@@ -183,6 +183,7 @@ def test_dataloader_with_two_workers(folder):
                                                                  for i in b["index"].tolist()]
 
 
+@pytest.mark.slow
 def test_train_unet_example_lowers_the_loss(tmp_path, capsys):
     """encode a bucketed folder with a small factor-8 VAE, then 50 steps of examples/train_unet.py."""
     from skimage import data as sk
@@ -232,3 +233,29 @@ def test_reader_reads_tar_shards_written_by_webdataset(folder, tmp_path_factory)
     (shards / "broken.tar").write_bytes(b"\0" * 10)
     with pytest.raises(InputError, match="broken.tar"):
         LatentDataset(shards)
+
+
+def test_reader_reads_encode_to_wds_as_encode_to_files(tmp_path, capsys):
+    """`encode --to wds --buckets --flip` and the same run to files: the reader yields the same items."""
+    from skimage import data as sk
+    for i, (name, size) in enumerate([("astronaut", (90, 60)), ("coffee", (60, 90)), ("chelsea", (70, 70))]):
+        Image.fromarray(getattr(sk, name)()).convert("RGB").resize(size).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    torch.manual_seed(0)
+    save_file(AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).state_dict(), tmp_path / "v.safetensors")
+    common = ["encode", str(tmp_path), "-w", str(tmp_path / "v.safetensors"), "--scaling-factor", "1", "--buckets",
+              "64x64,128x64,64x128", "--flip", "--latent-dtype", "fp32", "-q"]
+    for out, extra in (("files", []), ("wds", ["--to", "wds"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(common + ["-o", str(tmp_path / "out" / out), *extra])
+        assert exit_.value.code == 0, capsys.readouterr().err
+    assert list((tmp_path / "out" / "wds").glob("*.tar"))
+    files = LatentDataset(tmp_path / "out" / "files", flip="always")
+    shards = LatentDataset(tmp_path / "out" / "wds", flip="always")
+    assert len(files) == len(shards) == 3 and sorted(files.bucket_keys) == sorted(shards.bucket_keys)
+    by_key = {shards[i]["path"].rsplit(":", 1)[1]: shards[i] for i in range(3)}
+    for i in range(3):
+        a = files[i]
+        b = by_key[Path(a["path"]).stem]
+        assert torch.equal(a["latent"], b["latent"]) and torch.equal(a["time_ids"], b["time_ids"])
+        assert a["caption"] == b["caption"] == f"caption {Path(a['path']).stem}"  # beside the source image
