@@ -189,7 +189,9 @@ class LatentDataset(Dataset):
             mean, logvar = (t.float() for t in self._tensors(path, ["mean" + suffix, "logvar" + suffix]))
             noise = torch.randn(mean.shape, generator=g)
             z = mean + torch.exp(0.5 * logvar) * noise
-            latent = (z - float(meta.get("shift_factor") or 0)) * float(meta.get("scaling_factor") or 1)
+            if meta.get("scaled") != "false":  # model-ready, as the stored `latent` is: (z - shift) * scale
+                z = (z - float(meta.get("shift_factor") or 0)) * float(meta.get("scaling_factor") or 1)
+            latent = z
         else:
             latent = self._tensors(path, ["latent" + suffix])[0].float()
         factor = int(meta.get("factor") or 8)

@@ -112,6 +112,8 @@ def test_flipped_posterior_draws_from_the_flipped_moments(tmp_path):
                                         "latent_flipped": mean_f.clone(), "mean_flipped": mean_f, "logvar_flipped": tiny})
     item = LatentDataset(tmp_path, flip="always", seed=0)[0]
     torch.testing.assert_close(item["latent"], (mean_f - SHIFT) * SCALE)
+    _write(tmp_path / "p.safetensors", {"latent": mean.clone(), "mean": mean, "logvar": tiny.clone()}, scaled="false")
+    torch.testing.assert_close(LatentDataset(tmp_path, seed=0)[0]["latent"], mean)  # raw latents stay raw
 
 
 def test_random_flip_is_a_fair_reproducible_coin(folder):
