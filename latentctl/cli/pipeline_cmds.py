@@ -19,8 +19,9 @@ from typing import Optional
 import typer
 
 from .. import api, buckets as bucketing
+from ..modules import precision
 from ..errors import UsageError
-from ..pipeline import images, media, run
+from ..pipeline import datasets, images, media, run
 from ..pipeline.clip_writers import CLIP_FORMATS
 from ..pipeline.frames import Selection
 from ..pipeline.latents import read_metadata
@@ -29,7 +30,8 @@ from . import options as opt
 from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line.")
+                                  "one per line; or WebDataset tar shards: .tar files, a folder of them (an "
+                                  "img2dataset output folder as it is), globs, or brace ranges s/{00000..00099}.tar.")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -117,7 +119,7 @@ def _stdin(inputs: list[str]):
         return None
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
-    return sys.stdin
+    return sys.stdin.readlines()  # read once: the kind of input (shards or files) is decided from them
 
 
 def _check_scale(scale: float | None, flag: str) -> None:
@@ -133,11 +135,14 @@ def _load_model(model, weights, models, device, attn, download, **kw):
 
 
 def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, rank=None,
-             **extra) -> None:
+             progress=None, **extra) -> None:
     """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code.
-    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
+    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `progress` (a
+    dist.progress.ProgressWriter) gets every record; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
+    # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
+    vae = precision.hold(vae, precision.weights_dtype(options.dtype))
     stop, caught = threading.Event(), []
 
     def on_signal(signum, frame):
@@ -150,9 +155,11 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     records, closed = [], []
-    bar = output.progress(len(items), verb, quiet)
+    bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
+        if progress is not None:
+            progress.add(record)
         if record.status == "error":
             output.error(f"{record.input}: {record.error}")
         elif record.status == "skipped" and record.error:  # skipped on purpose, with the reason (never silent)
@@ -172,8 +179,11 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
+        summary = None
         summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **extra)
     finally:
+        if progress is not None:
+            progress.close(finished=summary is not None and not summary.interrupted)
         if bar is not None:
             bar.stop()
         for s, h in handlers.items():
@@ -225,14 +235,22 @@ def encode(inputs: list[str] = Inputs,
            spill_dir: Optional[str] = opt.SpillDir, frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
            max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
            json: bool = opt.Json, quiet: bool = opt.Quiet,
-           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
+           to: str = typer.Option("files", "--to", help="files: one .safetensors per image or clip (default) | wds: "
+                                  "WebDataset tar shards of image latents, one per input shard (same name) or "
+                                  "--shard-size images each, with NAME_stats.json written last."),
+           shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
+                                                    f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy, engine: str = opt.Engine,
+           ray_address: Optional[str] = opt.RayAddress):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
-    (T, C, h, w)); complete ones are skipped on a rerun."""
+    (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
+    OUT/index.parquet lists every image latent."""
     # the latent scale first: weights that nobody gave a scale for are refused before any work
     _check_scale(scaling_factor, "--scaling-factor")
     api.weights_settings(model, weights=weights, models_file=models, download=download,
                          scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
+    fn, engine_args = scale.engine(engine, ray_address)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
@@ -242,11 +260,21 @@ def encode(inputs: list[str] = Inputs,
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
-    items = scale.part(media.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
+    planned = []  # how many items the whole job has (every rank's part)
+    items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
+                                       stdin_lines=_stdin(inputs), part=scale.counted(planned, rank, shard_by))
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
-    _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options, json,
-             quiet, rank, claims=Claims())
+    if fn is not None:  # --engine ray: image files to latent files
+        scale.check_engine_items(items, to)
+        _execute("encode", fn, vae, info, items, options, json, quiet, rank,
+                 scale.progress(out, rank, planned, items, None), **engine_args)
+    elif isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+        claims = Claims()
+        _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
+                 json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims, sink=sink)
+    else:  # streamed shards, or shards out: ranks split whole shards
+        _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def decode(inputs: list[str] = Inputs,
@@ -273,13 +301,25 @@ def decode(inputs: list[str] = Inputs,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    items = scale.part(media.plan_decode(inputs, _out_dir(out), options.image_format, _clip_format(image_format),
-                                         stdin_lines=_stdin(inputs)), rank, shard_by)
+    stdin_lines = _stdin(inputs)
+    planned = []  # how many items the whole job has
+    items, sink = datasets.plan_decode(inputs, _out_dir(out), image_format=options.image_format,
+                                       clip_format=_clip_format(image_format), stdin_lines=stdin_lines,
+                                       part=scale.counted(planned, rank, shard_by))
     if model is None and weights is None:
-        model, weights = _model_from_files(items, models)
+        if hasattr(items, "__len__"):
+            model, weights = _model_from_files(items, models)
+        else:
+            meta = datasets.first_latent_metadata(inputs, stdin_lines)
+            model, weights = run.model_for_latents(meta, models) if meta is not None else ("default", None)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
-             items, options, json, quiet, rank, claims=Claims())
+    if isinstance(items, list):
+        claims = Claims()
+        _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
+                 items, options, json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims,
+                 sink=sink)
+    else:  # latent shards: one image per sample
+        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def _model_from_files(items, models) -> tuple:
