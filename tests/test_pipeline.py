@@ -155,7 +155,9 @@ def test_factor_8_model_at_333x517(photos, models, tmp_path, capsys):
     # factor 8 keeps the mid-block attention cheap at this size (factor 2 would attend over 43k positions)
     lat, dec, rt = tmp_path / "lat", tmp_path / "dec", tmp_path / "rt"
     big = _save(_photo("chelsea", (333, 517)), tmp_path / "in" / "big.png")
-    inputs = [big, photos / "gray.png", photos / "rotated.jpg"]
+    for name in ("gray.png", "rotated.jpg"):  # one folder: outputs mirror paths from the folder holding all inputs
+        (tmp_path / "in" / name).write_bytes((photos / name).read_bytes())
+    inputs = [big, tmp_path / "in" / "gray.png", tmp_path / "in" / "rotated.jpg"]
     assert cli(capsys, "encode", *inputs, "-o", lat, "-w", models["f8"], "-q")[0] == 0
     assert _meta(lat / "big.safetensors")[1]["latent"].shape == (4, 65, 42)      # padded to 336x520
     assert _meta(lat / "big.safetensors")[0]["valid_box"] == "0,0,333,517"
@@ -346,7 +348,6 @@ def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeyp
         (["encode", one, "-o", tmp_path / "u", "-w", models["tiny"], "--seed", "3"], "--seed"),
         (["encode", one, "-o", tmp_path / "u", "-w", models["tiny"], "--tile", "sideways"], "--tile"),
         (["encode", one, "-o", tmp_path / "u", "-w", models["tiny"], "--center-crop", "big"], "--center-crop"),
-        (["encode", twins, "-o", tmp_path / "u", "-w", models["tiny"]], "would both be written"),
         (["encode", tmp_path / "empty-dir-does-not-exist", "-o", tmp_path / "u", "-w", models["tiny"]], None),
         (["decode", lat, "-o", tmp_path / "u", "--format", "gif"], "--format"),
         (["decode", lat, "-o", one], "not a folder"),
@@ -359,6 +360,9 @@ def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeyp
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "u").exists()
+    # a name clash costs only the clashing inputs (test_reliability has the rest of the run going on)
+    code, _, err = cli(capsys, "encode", twins, "-o", tmp_path / "u", "-w", models["tiny"])
+    assert code == 1 and err.count("would also be written") == 2 and not (tmp_path / "u").exists()
     # decode refuses latents that do not fit the model: channels, and weights other than the recorded ones
     code, _, err = cli(capsys, "decode", lat, "-o", tmp_path / "d8", "-w", models["c8"])
     assert code == 1 and "4 channels" in err and "takes 8" in err

@@ -37,6 +37,13 @@ AlphaBackground = typer.Option("white", "--alpha-background", help="Colour trans
 MaxPixels = typer.Option(100_000_000, "--max-pixels", help="Refuse images with more pixels than this (read from the "
                                                            "header, before decoding).")
 Overwrite = typer.Option(False, "--overwrite", help="Redo outputs that already exist (default: skip complete ones).")
+VerifySources = typer.Option(False, "--verify-sources", help="On a rerun, hash every source to decide whether its "
+                             "output is still current (default: only when its size or mtime changed).")
+KeepExt = typer.Option(False, "--keep-ext", help="Keep the input's extension in output names (a.jpg -> "
+                       "a.jpg.safetensors), so a.jpg and a.png in one folder both get an output.")
+Root = typer.Option(None, "--root", help="Input root the output paths mirror (default: the deepest folder holding "
+                    "all inputs; files named directly or on stdin count by their folder).")
+Null = typer.Option(False, "--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0), not lines.")
 FailFast = typer.Option(False, "--fail-fast", help="Stop at the first input that fails (default: report it, go on).")
 Tile = typer.Option("auto", "--tile", help="Tiled encode/decode for large images: auto | on | off.")
 TileSize = typer.Option(None, "--tile-size", help="Tile side in pixels for --tile (default: chosen from memory).")
@@ -49,5 +56,5 @@ Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
 __all__ = ["AlphaBackground", "Attn", "BatchSize", "CenterCrop", "Device", "Download", "Dtype", "FailFast",
            "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
+           "Overwrite", "Path", "KeepExt", "Null", "Root", "VerifySources", "Quality", "Quiet", "Resize", "Seed", "SpillDir",
            "Store", "Tile", "TileSize", "Weights", "Workers"]

@@ -6,6 +6,7 @@ Exit: 0 all ok; 1 some inputs failed; 2 usage/model/weights error; 130 Ctrl-C (1
 in flight finished.
 """
 
+import math
 import os
 import re
 import signal
@@ -19,12 +20,13 @@ import typer
 from .. import api
 from ..errors import UsageError
 from ..pipeline import images, run
+from ..pipeline.inputs import split_paths
 from ..pipeline.latents import read_metadata
 from . import options as opt
 from . import output
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line.")
+                                  "one per line (NUL-separated with -0).")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -82,18 +84,20 @@ def _format(image_format: str, quality: int) -> dict:
     return dict(image_format=image_format, quality=quality)
 
 
-def _out_dir(out: Path | None) -> Path | None:
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--output {out}: exists and is not a folder")
-    return out
-
-
-def _stdin(inputs: list[str]):
-    if "-" not in inputs:
-        return None
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
-    return sys.stdin
+def _paths(inputs: list[str], root: str | None, keep_ext: bool, null: bool) -> dict:
+    """The planning arguments shared by the three commands (see pipeline/inputs.py for the path mapping)."""
+    stdin_lines = None
+    if "-" in inputs:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
+        buffer = getattr(sys.stdin, "buffer", None)
+        text = os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
+        stdin_lines = split_paths(text, null)
+    elif null:
+        raise UsageError("-0/--null is for paths on stdin: add - to the inputs")
+    if root is not None and not Path(root).is_dir():
+        raise UsageError(f"--root {root}: not a folder")
+    return dict(stdin_lines=stdin_lines, root=root, keep_ext=keep_ext, null=True)
 
 
 def _load_model(model, weights, models, device, attn, download, **kw):
@@ -178,18 +182,20 @@ def encode(inputs: list[str] = Inputs,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
            center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
-           max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
+           max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite,
+           verify_sources: bool = opt.VerifySources, keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root,
+           null: bool = opt.Null, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
     """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
-                       overwrite=overwrite,
+                       overwrite=overwrite, verify_sources=verify_sources,
                        **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels))
     run.check_options(options)
-    items = run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs))
+    items = run.plan_encode(inputs, out, **_paths(inputs, root, keep_ext, null))
     vae, info = _load_model(model, weights, models, device, attn, download)
     _execute("encode", run.encode_files, vae, info, items, options, json, quiet)
 
@@ -206,16 +212,22 @@ def decode(inputs: list[str] = Inputs,
            shift_factor: Optional[float] = typer.Option(None, "--shift-factor", help="Shift subtracted before scaling "
                                                         "(default: from the metadata, else 0)."),
            image_format: str = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
-           workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
+           workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite,
+           verify_sources: bool = opt.VerifySources, keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root,
+           null: bool = opt.Null, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
     """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
-                       overwrite=overwrite,
+                       overwrite=overwrite, verify_sources=verify_sources,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    items = run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    if scaling_factor is not None and not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise UsageError(f"--scaling-factor {scaling_factor}: must be a finite positive number")
+    if shift_factor is not None and not math.isfinite(shift_factor):
+        raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
+    items = run.plan_decode(inputs, out, image_format, **_paths(inputs, root, keep_ext, null))
     if model is None and weights is None:
         model, weights = _model_from_files(items, models)
     vae, info = _load_model(model, weights, models, device, attn, download)
@@ -245,6 +257,7 @@ def roundtrip(inputs: list[str] = Inputs,
               latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
               center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
               max_pixels: int = opt.MaxPixels, image_format: str = opt.ImageFormat, quality: int = opt.Quality,
+              keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root, null: bool = opt.Null,
               fail_fast: bool = opt.FailFast, tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize,
               max_memory: Optional[str] = opt.MaxMemory, spill_dir: Optional[str] = opt.SpillDir,
               json: bool = opt.Json, quiet: bool = opt.Quiet):
@@ -257,6 +270,6 @@ def roundtrip(inputs: list[str] = Inputs,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels))
     run.check_options(options)
-    items = run.plan_roundtrip(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    items = run.plan_roundtrip(inputs, out, image_format, **_paths(inputs, root, keep_ext, null))
     vae, info = _load_model(model, weights, models, device, attn, download)
     _execute("roundtrip", run.roundtrip_files, vae, info, items, options, json, quiet)

@@ -10,12 +10,15 @@ or when a batch would not fit in memory.
 """
 
 import hashlib
+import json
 import math
+import queue
 import secrets
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,8 +29,8 @@ from .. import __version__, tiling
 from ..errors import InputError, LatentctlError, UsageError
 from ..metrics import psnr, ssim
 from ..modules import AutoencoderKL, DiagonalGaussian
-from . import images, latents
-from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume
+from . import images, latents, outputs, provenance
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, discover, resume
 
 STORES = ("mean", "sample", "posterior")
 TILE_MODES = tiling.MODES
@@ -44,6 +47,7 @@ class Options:
     seed: int | None = None                 # for store=sample; None: one is drawn and recorded in each file
     latent_dtype: str = "fp16"              # storage precision of latent files
     overwrite: bool = False
+    verify_sources: bool = False            # resume: hash every source (default: only when size/mtime differ)
     fail_fast: bool = False
     max_pixels: int = 100_000_000
     alpha_background: tuple = (1.0, 1.0, 1.0)
@@ -73,10 +77,13 @@ class Record:
     seconds: float = 0.0            # this item's own load + share of its batch + write
     psnr: float | None = None       # roundtrip only
     ssim: float | None = None
+    redone: str | None = None       # an existing output was made again: "source changed", "other dataset", ...
 
     def to_dict(self) -> dict:
         d = {"input": self.input, "output": self.output, "status": self.status, "error": self.error,
              "shape": self.shape, "seconds": round(self.seconds, 4)}
+        if self.redone is not None:
+            d["redone"] = self.redone
         if self.psnr is not None or self.ssim is not None:
             d["psnr"] = self.psnr if self.psnr is None or math.isfinite(self.psnr) else None  # inf: identical
             d["ssim"] = self.ssim
@@ -147,24 +154,35 @@ def _guarded(fn, vae, x, options, warn, what: str):
 
 # --- planning ---------------------------------------------------------------------------------------------------
 
-def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None) -> list[Item]:
-    """Inputs -> items with their latent file paths. Raises UsageError on two inputs sharing an output."""
-    return assign_outputs(discover(inputs, IMAGE_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
-                          ".safetensors")
-
-
-def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", stdin_lines=None) -> list[Item]:
-    return assign_outputs(discover(inputs, LATENT_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
-                          "." + image_format)
-
-
-def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", stdin_lines=None) -> list[Item]:
-    items = discover(inputs, IMAGE_EXTS, stdin_lines=stdin_lines, exclude=out_dir)
+def _plan(inputs, out_dir, exts, suffix, *, stdin_lines, root, keep_ext, null, also=None) -> list[Item]:
+    items = discover(inputs, exts, stdin_lines=stdin_lines, exclude=out_dir, root=root, null=null)
     if out_dir is None:
-        return items  # metrics only: nothing is written
-    items = assign_outputs(items, Path(out_dir), "." + image_format)
-    check_unique([i.output for i in items] + [compare_path(i.output) for i in items])
+        return items  # roundtrip's metrics only: nothing is written
+    items = assign_outputs(items, Path(out_dir), suffix, keep_ext=keep_ext, also=also)
+    outputs.refuse_inputs_as_outputs([(i.path, [i.output, *(also(i.output) if also else [])])
+                                      for i in items if i.output is not None and i.error is None])
+    outputs.probe(Path(out_dir))
     return items
+
+
+def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None, *, root=None, keep_ext: bool = False,
+                null: bool = False) -> list[Item]:
+    """Inputs -> items with their latent file paths (see pipeline/inputs.py for the mapping). Raises UsageError
+    when an output would overwrite an input or the output folder cannot be created or written."""
+    return _plan(inputs, out_dir, IMAGE_EXTS, ".safetensors", stdin_lines=stdin_lines, root=root,
+                 keep_ext=keep_ext, null=null)
+
+
+def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", stdin_lines=None, *, root=None,
+                keep_ext: bool = False, null: bool = False) -> list[Item]:
+    return _plan(inputs, out_dir, LATENT_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
+                 keep_ext=keep_ext, null=null)
+
+
+def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", stdin_lines=None, *,
+                   root=None, keep_ext: bool = False, null: bool = False) -> list[Item]:
+    return _plan(inputs, out_dir, IMAGE_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
+                 keep_ext=keep_ext, null=null, also=lambda output: [compare_path(output)])
 
 
 def compare_path(output: Path) -> Path:
@@ -196,6 +214,12 @@ def _first_line(e: BaseException) -> str:
 
 def _error(item: Item, message: str, seconds: float = 0.0) -> Record:
     return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds)
+
+
+def _ok(item: Item, shape, **extra) -> Record:
+    """The Record of a written output (saying why, when it replaced an existing one)."""
+    return Record(item.source, str(item.output) if item.output else None, "ok", shape=list(shape),
+                  redone=item.redo, **extra)
 
 
 def _load(load, item: Item):
@@ -244,6 +268,45 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
+class _Threads:
+    """A few daemon threads behind Futures. Unlike ThreadPoolExecutor they are never joined: a stopped run (and
+    the interpreter's exit) never waits for a load stuck in a slow read."""
+
+    def __init__(self, count: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
+                    future.set_exception(e)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+def _result(future: Future, halted):
+    """future's result, or None as soon as halted() (checked every 0.1 s)."""
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except FutureTimeout:
+            if halted():
+                return None
+
+
 def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop) -> Summary:
     started = time.perf_counter()
     summary = Summary(total=len(items))
@@ -259,6 +322,7 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
     def halted() -> bool:
         return stop.is_set() or (options.fail_fast and summary.failed > 0)
 
+    outputs.clean_stale_temps(sorted({i.output.parent for i in items if i.output is not None}))
     todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
     for item in done:
         emit(Record(item.source, str(item.output), "skipped"))
@@ -267,38 +331,40 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
 
     workers = max(1, options.workers)
     ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
-    with ThreadPoolExecutor(workers, "latentctl-load") as loader, \
-            ThreadPoolExecutor(workers, "latentctl-write") as writer:
-        pending, writes, buckets = deque(), deque(), {}
-        source = iter(todo)
+    loader, writer = _Threads(workers, "latentctl-load"), _Threads(workers, "latentctl-write")
+    pending, writes, buckets = deque(), deque(), {}
+    source = iter(todo)
 
-        def fill() -> None:
-            while len(pending) < ahead and (item := next(source, None)) is not None:
-                pending.append(loader.submit(_load, load, item))
+    def fill() -> None:
+        while len(pending) < ahead and not halted() and (item := next(source, None)) is not None:
+            pending.append(loader.submit(_load, load, item))
 
-        def drain(limit: int) -> None:
-            """Report the finished writes; wait while more than `limit` are queued (bounds memory)."""
-            while writes and (writes[0].done() or len(writes) > limit):
-                emit(writes.popleft().result())
+    def drain(limit: int) -> None:
+        """Report the finished writes; wait while more than `limit` are queued (bounds memory)."""
+        while writes and (writes[0].done() or len(writes) > limit):
+            emit(writes.popleft().result())
 
-        def run(key) -> None:
-            jobs = buckets.pop(key)
-            t = time.perf_counter()
-            results = _compute(compute, jobs)
-            share = (time.perf_counter() - t) / len(jobs)
-            for job, result in zip(jobs, results):
-                job.seconds += share
-                if isinstance(result, Exception):
-                    message = str(result) if isinstance(result, InputError) else \
-                        f"{type(result).__name__}: {_first_line(result)}"
-                    emit(_error(job.item, message, job.seconds))
-                else:
-                    writes.append(writer.submit(_finish, finish, job, result))
-            drain(ahead)
+    def run(key) -> None:
+        jobs = buckets.pop(key)
+        t = time.perf_counter()
+        results = _compute(compute, jobs)
+        share = (time.perf_counter() - t) / len(jobs)
+        for job, result in zip(jobs, results):
+            job.seconds += share
+            if isinstance(result, Exception):
+                message = str(result) if isinstance(result, InputError) else \
+                    f"{type(result).__name__}: {_first_line(result)}"
+                emit(_error(job.item, message, job.seconds))
+            else:
+                writes.append(writer.submit(_finish, finish, job, result))
+        drain(ahead)
 
+    try:
         fill()
         while pending and not halted():
-            job = pending.popleft().result()
+            job = _result(pending.popleft(), halted)
+            if job is None:
+                break
             fill()
             if isinstance(job, Record):
                 emit(job)
@@ -312,9 +378,12 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
             drain(ahead)
         while buckets and not halted():
             run(next(iter(buckets)))
+    finally:
         for future in pending:
             future.cancel()
-        drain(0)  # the writes in flight always finish, even after Ctrl-C
+        loader.close()
+        drain(0)  # the writes in flight always finish, even after Ctrl-C (a second one abandons them)
+        writer.close()
     summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
     summary.seconds = time.perf_counter() - started
     return summary
@@ -323,14 +392,11 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
 # --- encode ---------------------------------------------------------------------------------------------------
 
 def _load_image_job(item: Item, vae: AutoencoderKL, options: Options) -> _Job:
-    try:
-        data = item.path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read: {e.strerror or e}") from None
+    data, source = provenance.read_source(item.path, item.rel.as_posix())
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
     x, geometry = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
                                  center_crop=options.center_crop)
-    info = {"loaded": loaded, "geometry": geometry, "sha256": hashlib.sha256(data).hexdigest()}
+    info = {"loaded": loaded, "geometry": geometry, "source": source}
     return _Job(item, tuple(x.shape), x, info)
 
 
@@ -388,7 +454,7 @@ def _metadata(job: _Job, vae, info, settings: dict, seed) -> dict[str, str]:
     g, loaded = job.info["geometry"], job.info["loaded"]
     return {**settings, "format": latents.FORMAT, "model": info.name, "weights": info.weights, "scaled": "true",
             "seed": str(seed) if seed is not None else "",
-            "source": job.item.source, "source_sha256": job.info["sha256"],
+            "source": job.item.source, **job.info["source"].metadata(),
             "width": str(g.width), "height": str(g.height), "color_mode": loaded.mode,
             "exif_transposed": str(loaded.exif_transposed).lower(),
             "resized": "x".join(map(str, g.resized)) if g.resized else "", "crop_box": _box(g.crop),
@@ -431,9 +497,20 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
 
     def finish(job, tensors):
         latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
-        return Record(job.item.source, str(job.item.output), "ok", shape=list(tensors["latent"].shape))
+        return _ok(job.item, tensors["latent"].shape)
 
-    summary = _drive(items, lambda path: latents.check(path, settings),
+    def check(item):
+        try:
+            meta, shapes = latents.read_metadata(item.output)
+        except InputError:
+            return "redo", "incomplete output"
+        state, reason = latents.check_metadata(meta, shapes, settings)
+        if state != "done":
+            return state, reason
+        same, why = provenance.judge(meta, item.path, item.rel.as_posix(), options.verify_sources)
+        return ("done", "") if same else ("redo", why)
+
+    summary = _drive(items, check,
                      lambda item: _load_image_job(item, vae, options), compute, finish, options, report, stop)
     summary.seed = seed
     return summary
@@ -459,13 +536,22 @@ def _scale_shift(meta: dict, options: Options) -> tuple[float, float]:
     if scale is None:
         raise InputError("the file does not say how its latent was scaled: pass --scaling-factor "
                          "(and --shift-factor) as used when it was written")
-    if scale == 0:
-        raise InputError("scaling_factor 0")
+    if not (math.isfinite(scale) and scale > 0):
+        raise InputError(f"scaling_factor {scale!r} is not a finite positive number; pass --scaling-factor")
+    if not math.isfinite(shift):
+        raise InputError(f"shift_factor {shift!r} is not a finite number; pass --shift-factor")
     return scale, shift
 
 
 def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> _Job:
-    latent, meta = latents.read(item.path, options.key)
+    data, source = provenance.read_source(item.path, item.rel.as_posix())
+    latent, meta = latents.parse(data, options.key)
+    if not latent.is_floating_point():
+        raise InputError(f"tensor {options.key!r} holds {str(latent.dtype).replace('torch.', '')} values; "
+                         "a latent is floating point")
+    latent = latent.float()
+    if not _finite(latent):
+        raise InputError(f"the file stores NaN/inf in tensor {options.key!r}; nothing to decode")
     channels = vae.config.latent_channels
     if latent.shape[0] != channels:
         raise InputError(f"latent has {latent.shape[0]} channels; model {info.name!r} takes {channels}")
@@ -487,7 +573,9 @@ def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> 
             raise InputError(f"metadata valid_box {meta['valid_box']!r} is not 'left,top,right,bottom'") from None
         if len(valid) != 4 or not (0 <= valid[0] < valid[2] <= w and 0 <= valid[1] < valid[3] <= h):
             raise InputError(f"metadata valid_box {meta['valid_box']!r} does not fit a {w}x{h} image")
-    return _Job(item, tuple(z.shape), z, {"valid": valid})
+    if not _finite(z):
+        raise InputError(f"NaN/inf after unscaling (scaling_factor {scale!r}, shift_factor {shift!r})")
+    return _Job(item, tuple(z.shape), z, {"valid": valid, "source": source})
 
 
 def _crop(image: torch.Tensor, box) -> torch.Tensor:
@@ -497,12 +585,23 @@ def _crop(image: torch.Tensor, box) -> torch.Tensor:
 
 def _decoded(vae, z: torch.Tensor, options: Options, warn) -> list:
     images_ = _guarded(decode_batch, vae, z, options, warn, "decode").cpu()
-    return [img if _finite(img) else InputError("the model gives NaN/inf for this latent even in fp32")
+    return [img if _finite(img) else InputError("the model gives NaN/inf for this latent even in fp32 "
+                                                "(the latent in the file is finite)")
             for img in images_]
 
 
-def _write_image(path: Path, rgb: np.ndarray, options: Options) -> None:
-    latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality))
+def _write_image(path: Path, rgb: np.ndarray, options: Options, record: dict | None = None) -> None:
+    latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality, record=record))
+
+
+DECODED = "latentctl-decoded/1"
+
+
+def _decode_settings(info, options: Options) -> dict[str, str]:
+    """What a decoded image recorded must match for it to count as done."""
+    return {"weights_sha256": info.weights_sha256, "key": options.key, "quality": str(options.quality),
+            "scaling_factor": "" if options.scaling_factor is None else repr(options.scaling_factor),
+            "shift_factor": "" if options.shift_factor is None else repr(options.shift_factor)}
 
 
 def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
@@ -514,13 +613,23 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
     def compute(jobs):
         return _decoded(vae, torch.stack([j.x for j in jobs]).to(device), options, warn)
 
+    settings = _decode_settings(info, options)
+
     def finish(job, image):
         rgb = images.to_uint8(_crop(image, job.info["valid"]))
-        _write_image(job.item.output, rgb, options)
-        return Record(job.item.source, str(job.item.output), "ok", shape=[3, *rgb.shape[:2]])
+        _write_image(job.item.output, rgb, options, {"format": DECODED, **settings, **job.info["source"].metadata()})
+        return _ok(job.item, [3, *rgb.shape[:2]])
 
-    def check(path):
-        return ("done", "") if images.is_valid_image(path) else ("redo", "")
+    def check(item):
+        recorded = images.read_record(item.output)
+        if recorded is None:
+            return "redo", "incomplete output"
+        if recorded.get("format") != DECODED:
+            return "redo", "no record of its source"
+        if any(recorded.get(k) != v for k, v in settings.items()):
+            return "redo", "settings changed"
+        same, why = provenance.judge(recorded, item.path, item.rel.as_posix(), options.verify_sources)
+        return ("done", "") if same else ("redo", why)
 
     return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
                   options, report, stop)
@@ -554,7 +663,7 @@ def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Option
         box = job.info["geometry"].valid
         recon = images.to_uint8(_crop(image, box))
         original = images.to_uint8(_crop(job.x, box))
-        if job.info["loaded"].mode.startswith(("I", "F")):  # 16-bit/float: compare against full precision
+        if job.info["loaded"].mode.startswith(("I", "F")) or job.info["loaded"].mode.endswith(";16"):  # 16-bit/float: compare against full precision
             reference = _crop(job.x, box).add(1).div(2).clamp(0, 1)
         else:
             reference = torch.from_numpy(original).permute(2, 0, 1).float() / 255
@@ -566,8 +675,7 @@ def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Option
         if job.item.output is not None:
             _write_image(job.item.output, recon, options)
             _write_image(compare_path(job.item.output), images.side_by_side(original, recon), options)
-        return Record(job.item.source, str(job.item.output) if job.item.output else None, "ok",
-                      shape=[3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
+        return _ok(job.item, [3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
 
     summary = _drive(items, None, lambda item: _load_image_job(item, vae, options), compute, finish,
                      options, report, stop)
