@@ -27,3 +27,7 @@ class InputError(LatentctlError):
     """One input item is bad (unreadable image, wrong latent file); the run goes on."""
 
     exit_code = 1
+
+
+class Skip(Exception):
+    """An input deliberately left out (e.g. an image too small for its bucket): its record says 'skipped' and why."""

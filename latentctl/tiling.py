@@ -976,7 +976,7 @@ def tiled_encode(vae: AutoencoderKL, x: torch.Tensor, *, tile_size: int | None =
     each tile pass; report: a dict to fill with what was done; spill: see plan."""
     tile_plan = tile_plan or plan(vae, tuple(x.shape), "encode", mode="on", budget=budget, tile_size=tile_size,
                                   spill=spill)
-    moments = _execute(vae, x, "encode", tile_plan, progress, report)
+    moments = _execute(vae, x.to(vae.dtype), "encode", tile_plan, progress, report)  # as vae.encode: any float in
     return moments if return_moments else DiagonalGaussian(moments)
 
 
@@ -987,7 +987,7 @@ def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile_size: int | None =
     """vae.decode(z) computed in tiles: raw latents (B, C, h, w) -> images (B, 3, 8h, 8w). Arguments: tiled_encode."""
     tile_plan = tile_plan or plan(vae, tuple(z.shape), "decode", mode="on", budget=budget, tile_size=tile_size,
                                   spill=spill)
-    return _execute(vae, z, "decode", tile_plan, progress, report)
+    return _execute(vae, z.to(vae.dtype), "decode", tile_plan, progress, report)
 
 
 # A CPU batch goes through the model image by image once one image's full-resolution activation is this big: one

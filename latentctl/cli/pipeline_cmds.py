@@ -17,13 +17,14 @@ from typing import Optional
 
 import typer
 
-from .. import api
+from .. import api, buckets as bucketing
 from ..errors import UsageError
 from ..pipeline import images, run
 from ..pipeline.inputs import split_paths
 from ..pipeline.latents import read_metadata
+from ..dist.claims import Claims
 from . import options as opt
-from . import output
+from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
                                   "one per line (NUL-separated with -0).")
@@ -64,16 +65,23 @@ def _options(*, device, dtype, batch_size, workers, tile, tile_size, max_memory,
                        max_memory=_size_bytes(max_memory), spill=_spill(spill_dir), fail_fast=fail_fast, **extra)
 
 
-def _image_options(*, store, seed, latent_dtype, resize, center_crop, alpha_background, max_pixels) -> dict:
+def _image_options(*, store, seed, latent_dtype, resize, center_crop, alpha_background, max_pixels,
+                   crop="center") -> dict:
     if resize is not None and resize < 1:
         raise UsageError(f"--resize {resize}: must be at least 1")
     if max_pixels < 1:
         raise UsageError(f"--max-pixels {max_pixels}: must be at least 1")
-    if seed is not None and store != "sample":
-        raise UsageError(f"--seed is for --store sample (this run stores {store})")
+    if seed is not None and store != "sample" and crop != "random":
+        raise UsageError(f"--seed is for --store sample or --crop random (this run stores {store})")
     return dict(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                 center_crop=images.parse_size(center_crop, "--center-crop") if center_crop else None,
                 alpha_background=images.parse_color(alpha_background), max_pixels=max_pixels)
+
+
+def _bucket_options(*, buckets, crop, too_small, flip) -> dict:
+    if buckets is None and (crop != "center" or too_small != "upscale" or flip):
+        raise UsageError("--crop, --too-small and --flip go with --buckets")
+    return dict(buckets=bucketing.parse(buckets) if buckets else None, crop=crop, too_small=too_small, flip=flip)
 
 
 def _format(image_format: str, quality: int) -> dict:
@@ -107,9 +115,11 @@ def _load_model(model, weights, models, device, attn, download, **kw):
     return vae, info
 
 
-def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool) -> None:
-    """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code."""
-    if not items:
+def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, rank=None,
+             **extra) -> None:
+    """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code.
+    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
+    if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
     stop, caught = threading.Event(), []
 
@@ -128,6 +138,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     def report(record: run.Record) -> None:
         if record.status == "error":
             output.error(f"{record.input}: {record.error}")
+        elif record.status == "skipped" and record.error:  # skipped on purpose, with the reason (never silent)
+            output.warning(f"{record.input}: skipped: {record.error}")
         if json and not closed:
             try:
                 output.json_line(record.to_dict())
@@ -143,7 +155,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
-        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop)
+        summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **extra)
     finally:
         if bar is not None:
             bar.stop()
@@ -152,7 +164,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if verb == "roundtrip" and not json:
         _roundtrip_table(records)
     seed = f", seed {summary.seed}" if summary.seed is not None else ""
-    output.info(f"{verb}: {summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed of {summary.total} "
+    who = f"rank {rank.label}: " if rank is not None and rank.count > 1 else ""
+    output.info(f"{who}{verb}: {summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed of {summary.total} "
                 f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s{seed})", quiet)
     if closed:
         raise typer.Exit(128 + signal.SIGPIPE)
@@ -182,22 +195,26 @@ def encode(inputs: list[str] = Inputs,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
            center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
-           max_pixels: int = opt.MaxPixels, overwrite: bool = opt.Overwrite,
+           max_pixels: int = opt.MaxPixels, buckets: Optional[str] = opt.Buckets, crop: str = opt.Crop,
+           too_small: str = opt.TooSmall, flip: bool = opt.Flip, overwrite: bool = opt.Overwrite,
            verify_sources: bool = opt.VerifySources, keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root,
            null: bool = opt.Null, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+    rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite, verify_sources=verify_sources,
                        **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                                         center_crop=center_crop, alpha_background=alpha_background,
-                                        max_pixels=max_pixels))
+                                        max_pixels=max_pixels, crop=crop),
+                       **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
-    items = run.plan_encode(inputs, out, **_paths(inputs, root, keep_ext, null))
+    items = scale.part(run.plan_encode(inputs, out, **_paths(inputs, root, keep_ext, null)), rank, shard_by)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("encode", run.encode_files, vae, info, items, options, json, quiet)
+    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
 
 
 def decode(inputs: list[str] = Inputs,
@@ -216,8 +233,10 @@ def decode(inputs: list[str] = Inputs,
            verify_sources: bool = opt.VerifySources, keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root,
            null: bool = opt.Null, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet):
+           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
+    rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite, verify_sources=verify_sources,
@@ -227,11 +246,12 @@ def decode(inputs: list[str] = Inputs,
         raise UsageError(f"--scaling-factor {scaling_factor}: must be a finite positive number")
     if shift_factor is not None and not math.isfinite(shift_factor):
         raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
-    items = run.plan_decode(inputs, out, image_format, **_paths(inputs, root, keep_ext, null))
+    items = scale.part(run.plan_decode(inputs, out, image_format, **_paths(inputs, root, keep_ext, null)), rank,
+                       shard_by)
     if model is None and weights is None:
         model, weights = _model_from_files(items, models)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", run.decode_files, vae, info, items, options, json, quiet)
+    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
 
 
 def _model_from_files(items, models) -> tuple:

@@ -218,13 +218,26 @@ class AutoencoderKL(nn.Module):
                 m.set_backend(backend)
         self.config.attn_backend = backend
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the convolutions' weights' (GroupNorm affines may be kept in float32)."""
+        return self.encoder.conv_in.weight.dtype
+
+    def _as_input(self, x: torch.Tensor) -> torch.Tensor:
+        # Latent files store fp16 or bf16 and images may come in any float type: the first conv needs its own.
+        # Under autocast the weights stay float32 and autocast casts the activations itself.
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        moments = self.encoder(x)
+        """Images (B, C, H, W) in [-1, 1], any float dtype (computed in self.dtype) -> posterior over raw latents."""
+        moments = self.encoder(self._as_input(x))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, C, h, w), any float dtype (fp16 from a latent file included) -> images about [-1, 1]."""
+        z = self._as_input(z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -2,7 +2,7 @@
 
 Tensors: `latent` (C, h, w), the model-ready latent (z - shift) * scale, z being the posterior mean or a
 sample; with store=posterior also `mean` and `logvar` (raw, unscaled) so training can draw a new sample
-each epoch. Metadata (strings only, as safetensors requires): see METADATA_KEYS.
+each epoch; with --flip also `latent_flipped` (and `mean_flipped`, `logvar_flipped`), the mirrored crop's. Metadata (strings only, as safetensors requires): see METADATA_KEYS.
 """
 
 import json
@@ -22,7 +22,10 @@ METADATA_KEYS = (
     "format", "model", "weights_sha256", "scaling_factor", "shift_factor", "scaled", "store", "seed",
     "latent_dtype", "source", "source_path", "source_rel", "source_size", "source_mtime_ns", "source_sha256", "width", "height", "color_mode", "exif_transposed",
     "alpha_background", "resize", "center_crop", "resized", "crop_box", "valid_box", "padded", "factor",
-    "latentctl_version",
+    "latentctl_version", "buckets",
+    # with --buckets (latentctl/buckets.py): the bucket, SDXL's conditioning as "H,W"-style pairs, the flipped crop
+    "crop", "flip", "bucket", "upscaled", "original_size", "crop_top_left", "target_size", "crop_box_flipped",
+    "crop_top_left_flipped",
 )
 
 

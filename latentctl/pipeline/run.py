@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, tiling
-from ..errors import InputError, LatentctlError, UsageError
+from .. import __version__, buckets as bucketing, tiling
+from ..errors import InputError, LatentctlError, Skip, UsageError
 from ..metrics import psnr, ssim
 from ..modules import AutoencoderKL, DiagonalGaussian
 from . import images, latents, outputs, provenance
@@ -63,6 +63,10 @@ class Options:
     tile_size: int | None = None            # image pixels; None: the largest that fits
     max_memory: int | None = None           # bytes for activations; None: tiling's default budget
     spill: str | bool = True                # tiling's spill folder (True: the temp folder; False: none)
+    buckets: bucketing.Buckets | None = None  # encode: resize + crop each image into its aspect bucket
+    crop: str = "center"                    # with buckets: center | random (reproducible from the seed)
+    too_small: str = "upscale"              # with buckets: upscale | skip an image smaller than its bucket
+    flip: bool = False                      # with buckets: also store the mirrored crop's latent (`latent_flipped`)
 
 
 @dataclass
@@ -231,6 +235,9 @@ def _load(load, item: Item):
         job = load(item)
     except InputError as e:
         return _error(item, str(e), time.perf_counter() - t)
+    except Skip as e:
+        return Record(item.source, str(item.output) if item.output else None, "skipped", str(e),
+                      seconds=time.perf_counter() - t)
     except Exception as e:  # pillow and decoders raise many kinds on hostile files: all are the item's error
         return _error(item, f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t)
     job.seconds = time.perf_counter() - t
@@ -307,7 +314,33 @@ def _result(future: Future, halted):
                 return None
 
 
-def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop) -> Summary:
+def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop, claims=None) -> Summary:
+    """Every item once, through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
+    claimed before it is loaded, so runs sharing the output folder split the items; items another live run holds
+    are done in later rounds, once free (or skipped, once that run has written them)."""
+    if claims is None:
+        return _drive_round(items, check, load, compute, finish, options, report, stop)
+    started = time.perf_counter()
+    summary, stop, rounds = Summary(total=len(items)), stop if stop is not None else threading.Event(), 0
+    try:
+        while items:
+            before = claims.by_others
+            part = _drive_round(items, check, load, compute, finish, options, report, stop, claims)
+            if rounds:  # everything skipped in a later round was written by another run meanwhile
+                claims.by_others = before + part.skipped
+            rounds += 1
+            summary.ok, summary.skipped, summary.failed = (summary.ok + part.ok, summary.skipped + part.skipped,
+                                                           summary.failed + part.failed)
+            items = claims.wait_deferred(lambda: stop.is_set() or (options.fail_fast and summary.failed > 0))
+    finally:
+        claims.close()
+    summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _drive_round(items: list[Item], check, load, compute, finish, options: Options, report, stop,
+                 claims=None) -> Summary:
     started = time.perf_counter()
     summary = Summary(total=len(items))
     stop = stop if stop is not None else threading.Event()
@@ -316,6 +349,8 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
         summary.ok += record.status == "ok"
         summary.skipped += record.status == "skipped"
         summary.failed += record.status == "error"
+        if claims is not None and record.output is not None:
+            claims.release(Path(record.output))  # after the write: the output is in place (or failed)
         if report is not None:
             report(record)
 
@@ -333,7 +368,8 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
     ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
     loader, writer = _Threads(workers, "latentctl-load"), _Threads(workers, "latentctl-write")
     pending, writes, buckets = deque(), deque(), {}
-    source = iter(todo)
+    source = iter(todo) if claims is None else claims.take(
+        todo, check, options.overwrite, lambda item: emit(Record(item.source, str(item.output), "skipped")))
 
     def fill() -> None:
         while len(pending) < ahead and not halted() and (item := next(source, None)) is not None:
@@ -391,31 +427,38 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
 
 # --- encode ---------------------------------------------------------------------------------------------------
 
-def _load_image_job(item: Item, vae: AutoencoderKL, options: Options) -> _Job:
+def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int | None = None) -> _Job:
     data, source = provenance.read_source(item.path, item.rel.as_posix())
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
-    x, geometry = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
-                                 center_crop=options.center_crop)
-    info = {"loaded": loaded, "geometry": geometry, "source": source}
+    info = {"loaded": loaded, "source": source}
+    if options.buckets is None:
+        x, info["geometry"] = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
+                                             center_crop=options.center_crop)
+    else:  # aspect buckets: latentctl/buckets.py decides the size and the crop
+        x, p = bucketing.prepare(loaded.rgb, options.buckets, crop=options.crop, too_small=options.too_small,
+                                 seed=seed or 0, key=item.rel.as_posix())
+        info["geometry"] = images.Geometry(*p.original, p.resized, p.box, (0, 0, *p.bucket), p.bucket)
+        info["bucket"] = bucketing.metadata(p, options.flip)
     return _Job(item, tuple(x.shape), x, info)
 
 
-def _item_seed(seed: int, item: Item) -> int:
+def _item_seed(seed: int, item: Item, salt: str = "") -> int:
     """Each item's noise seed: from the run's seed and the item's relative path, so a sample does not
     depend on batching, order, device or which items a resumed run still had to do."""
-    digest = hashlib.sha256(f"{seed}:{item.rel.as_posix()}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{item.rel.as_posix()}{salt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _latent_tensors(vae, posterior: DiagonalGaussian, jobs: list[_Job], options: Options, seed) -> list:
-    """Per job: {"latent": ..., ["mean", "logvar"]} in the storage dtype, or an InputError."""
+def _latent_tensors(vae, posterior: DiagonalGaussian, jobs: list[_Job], options: Options, seed, flipped=False) -> list:
+    """Per job: {"latent": ..., ["mean", "logvar"]} in the storage dtype, or an InputError. flipped: the jobs'
+    mirrored crops, in the second half of the batch; their tensors are named latent_flipped, ..."""
     storage = latents.STORAGE_DTYPES[options.latent_dtype]
     out = []
-    for i, job in enumerate(jobs):
+    for i, job in enumerate(jobs, len(jobs) if flipped else 0):
         mean, logvar = posterior.mean[i], posterior.logvar[i]
         z = mean
         if options.store == "sample":
-            g = torch.Generator().manual_seed(_item_seed(seed, job.item))
+            g = torch.Generator().manual_seed(_item_seed(seed, job.item, ":flipped" if flipped else ""))
             noise = torch.randn(mean.shape, generator=g)  # drawn on the CPU: the same numbers on any device
             z = mean + posterior.std[i] * noise.to(mean.device)
         tensors = {"latent": vae.normalize(z)}
@@ -424,7 +467,7 @@ def _latent_tensors(vae, posterior: DiagonalGaussian, jobs: list[_Job], options:
         if not _finite(*tensors.values()):
             out.append(InputError("the model gives NaN/inf for this image even in fp32; not written"))
             continue
-        stored = {k: v.to(storage).cpu() for k, v in tensors.items()}
+        stored = {k + ("_flipped" if flipped else ""): v.to(storage).cpu() for k, v in tensors.items()}
         if not _finite(*stored.values()):
             peak = max(v.abs().max().item() for v in tensors.values())
             out.append(InputError(f"latent values up to {peak:.4g} overflow {options.latent_dtype} storage; "
@@ -441,8 +484,11 @@ def _encode_settings(vae, info, options: Options, seed) -> dict[str, str]:
          "resize": str(options.resize or ""),
          "center_crop": "x".join(map(str, options.center_crop)) if options.center_crop else "",
          "alpha_background": images.color_hex(options.alpha_background)}
-    if options.store == "sample" and options.seed is not None:
+    if options.seed is not None and (options.store == "sample" or options.buckets and options.crop == "random"):
         s["seed"] = str(seed)
+    s["buckets"] = options.buckets.spec if options.buckets else ""
+    if options.buckets:
+        s |= {"crop": options.crop, "flip": str(options.flip).lower()}
     return s
 
 
@@ -459,7 +505,7 @@ def _metadata(job: _Job, vae, info, settings: dict, seed) -> dict[str, str]:
             "exif_transposed": str(loaded.exif_transposed).lower(),
             "resized": "x".join(map(str, g.resized)) if g.resized else "", "crop_box": _box(g.crop),
             "valid_box": _box(g.valid), "padded": "x".join(map(str, g.padded)), "factor": str(vae.config.factor),
-            "latentctl_version": __version__}
+            "latentctl_version": __version__, **job.info.get("bucket", {})}
 
 
 def check_options(options: Options) -> None:
@@ -470,18 +516,26 @@ def check_options(options: Options) -> None:
         raise UsageError(f"--latent-dtype {options.latent_dtype!r}: choose {', '.join(latents.STORAGE_DTYPES)}")
     if options.batch_size < 1 or options.workers < 1:
         raise UsageError("batch size and workers must be at least 1")
+    if options.crop not in bucketing.CROPS or options.too_small not in bucketing.TOO_SMALL:
+        raise UsageError(f"--crop {options.crop!r} / --too-small {options.too_small!r}: choose "
+                         f"{' | '.join(bucketing.CROPS)} / {' | '.join(bucketing.TOO_SMALL)}")
+    if options.buckets is None and options.flip:
+        raise UsageError("--flip needs --buckets (it stores the mirrored bucket crop)")
+    if options.buckets is not None and (options.resize or options.center_crop):
+        raise UsageError("--buckets decides the size and crop itself: drop --resize/--center-crop")
 
 
 def _run_seed(options: Options) -> int | None:
-    """store=sample: the seed given, or a fresh one (recorded in every file, so any file can be remade)."""
+    """store=sample or random crops: the seed given, or a fresh one (recorded in every file, so any file can be
+    remade)."""
     check_options(options)
-    if options.store != "sample":
+    if options.store != "sample" and not (options.buckets and options.crop == "random"):
         return None
     return options.seed if options.seed is not None else secrets.randbits(63)
 
 
 def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None) -> Summary:
+                 stop: threading.Event | None = None, claims=None) -> Summary:
     """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
     warn = warn or (lambda message: None)
     seed = _run_seed(options)
@@ -489,11 +543,20 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
     info = replace(info, weights=weights)  # recorded absolute, so decode finds it from any folder
     device = next(vae.parameters()).device
+    if options.buckets is not None:
+        bucketing.check_factor(options.buckets, vae.config.factor)
 
     def compute(jobs):
         x = torch.stack([j.x for j in jobs]).to(device)
+        if options.flip:
+            x = torch.cat([x, x.flip(-1)])  # the mirrored crops go through the model in the same batch
         posterior = _guarded(encode_batch, vae, x, options, warn, "encode")
-        return _latent_tensors(vae, posterior, jobs, options, seed)
+        out = _latent_tensors(vae, posterior, jobs, options, seed)
+        if options.flip:
+            flips = _latent_tensors(vae, posterior, jobs, options, seed, flipped=True)
+            out = [a if isinstance(a, Exception) else b if isinstance(b, Exception) else a | b
+                   for a, b in zip(out, flips)]
+        return out
 
     def finish(job, tensors):
         latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
@@ -510,8 +573,8 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         same, why = provenance.judge(meta, item.path, item.rel.as_posix(), options.verify_sources)
         return ("done", "") if same else ("redo", why)
 
-    summary = _drive(items, check,
-                     lambda item: _load_image_job(item, vae, options), compute, finish, options, report, stop)
+    summary = _drive(items, check, lambda item: _load_image_job(item, vae, options, seed), compute, finish, options,
+                     report, stop, claims)
     summary.seed = seed
     return summary
 
@@ -605,7 +668,7 @@ def _decode_settings(info, options: Options) -> dict[str, str]:
 
 
 def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None) -> Summary:
+                 stop: threading.Event | None = None, claims=None) -> Summary:
     """Decode latent files to images cropped to their valid box (items from plan_decode)."""
     warn = warn or (lambda message: None)
     device = next(vae.parameters()).device
@@ -632,7 +695,7 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         return ("done", "") if same else ("redo", why)
 
     return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
-                  options, report, stop)
+                  options, report, stop, claims)
 
 
 # --- roundtrip ------------------------------------------------------------------------------------------------
