@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_autoencoder
+from .checkpoints import diffusers_config, load_autoencoder
 from .errors import UsageError, WeightsError
 from .modules import AutoencoderKL
 from .modules.attention import check_backend
-from .registry import find_weights, get_entry, sha256_file
+from .registry import ModelEntry, entry_for_sha256, find_weights, get_entry, load_registry, sha256_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,6 +21,89 @@ class ModelInfo:
     name: str
     weights: str          # path, or "random"
     weights_sha256: str
+    settings: str = "given"   # where scale and shift came from (see weights_settings); "unknown": none said
+
+
+@dataclass
+class Settings:
+    """Which weights a model name / weights path means, and the latent scale and shift that go with them.
+
+    One rule, the same for latentctl.load() and every command: explicit flags (scaling_factor=, shift_factor=)
+    > the named model's models.toml entry > what the weights say themselves (a diffusers config.json beside
+    them) > a published file recognised by its sha256 (`known_sha256` in models.toml) > unknown. Unknown
+    settings load (the model is usable) but nothing writes model-ready latents with them (see require_scale).
+    """
+
+    name: str                         # the entry's name, or the weights file's stem
+    entry: ModelEntry | None          # the named or recognised models.toml entry
+    path: Path | None                 # weights file or folder; None for --random-weights
+    sha256: str                       # of the file; "folder" or "random" otherwise
+    scaling_factor: float | None
+    shift_factor: float | None
+    source: str                       # "flags" | "model NAME" | "config.json" | "sha256 (NAME)" | "unknown"
+
+    def require_scale(self) -> None:
+        """Raise the one-line usage error for weights whose latent scale nobody said."""
+        if self.scaling_factor is None:
+            raise UsageError(f"{self.path}: no latent scale known for these weights (no --model, no config.json "
+                             "beside them, not a known public file); pass --model NAME, or --scaling-factor S "
+                             "(and --shift-factor F) as the model they are for expects")
+
+
+def _config_settings(path: Path) -> tuple[float | None, float | None]:
+    cfg = diffusers_config(path)
+    kind = str(cfg.get("_class_name", "AutoencoderKL"))
+    if "Autoencoder" not in kind:   # a config.json of something else that happens to sit beside the file
+        return None, None
+    try:
+        scale = float(cfg["scaling_factor"]) if cfg.get("scaling_factor") is not None else None
+        shift = float(cfg["shift_factor"]) if cfg.get("shift_factor") is not None else None
+    except (TypeError, ValueError):
+        raise WeightsError(f"{path}: config.json scaling_factor/shift_factor are not numbers") from None
+    return scale, shift
+
+
+def weights_settings(model: str | None = None, *, weights: str | Path | None = None,
+                     models_file: str | Path | None = None, download: bool = False, random_weights: bool = False,
+                     scaling_factor: float | None = None, shift_factor: float | None = None) -> Settings:
+    """The weights and latent settings that load() uses for these arguments (see Settings for the rule).
+
+    No model and no weights: the shipped 'default'. A model name: its entry (and its weights unless `weights`
+    is given). Weights alone: never any entry's settings, unless the file is one of the published files an
+    entry lists by sha256.
+    """
+    if model is None and weights is None:
+        model = "default"
+    entry = get_entry(model, models_file) if model is not None else None
+    if random_weights:
+        if entry is None:
+            raise UsageError("--random-weights needs --model NAME (the architecture to build)")
+        path, sha = None, "random"
+    else:
+        path = Path(weights) if weights is not None else find_weights(entry, download=download)
+        if not path.exists():
+            raise WeightsError(f"{path}: no such file")
+        sha = sha256_file(path) if path.is_file() else "folder"
+        if entry is not None and weights is None and entry.sha256 and sha != entry.sha256:
+            raise WeightsError(f"{path}: sha256 {sha[:12]}… does not match models.toml's {entry.sha256[:12]}… "
+                               f"for model {entry.name!r} (corrupt or replaced file)")
+    # each source in the order of the rule; the first that gives a scale decides the source's name
+    sources = [("flags", scaling_factor, shift_factor)]
+    if entry is not None:
+        sources.append((f"model {entry.name}", entry.scaling_factor, entry.shift_factor))
+    elif path is not None:
+        sources.append(("config.json", *_config_settings(path)))
+        known = entry_for_sha256(sha, load_registry(models_file)) if path.is_file() else None
+        if known is not None:
+            entry = known
+            sources.append((f"sha256 ({known.name})", known.scaling_factor, known.shift_factor))
+    scale = next((s for _, s, _ in sources if s is not None), None)
+    source = next((name for name, s, _ in sources if s is not None), "unknown")
+    shift = next((f for _, _, f in sources if f is not None), None)
+    if scale is not None and shift is None:
+        shift = 0.0   # a source that gives a scale and no shift means none (SD 1.x/SDXL configs: shift null)
+    name = entry.name if entry is not None else Path(path).stem
+    return Settings(name, entry, path, sha, scale, shift, source)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -62,45 +145,37 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(model: str | None = "default", *, weights: str | Path | None = None, device: str = "cpu",
+def load(model: str | None = None, *, weights: str | Path | None = None, device: str = "cpu",
          attn: str = "sdpa", models_file: str | Path | None = None, download: bool = False,
          random_weights: bool = False, scaling_factor: float | None = None,
          shift_factor: float | None = None) -> tuple[AutoencoderKL, ModelInfo]:
     """An AutoencoderKL in eval mode on `device` (fp32 weights) and what it is.
 
-    `model` names an entry of models.toml (scale/shift and the expected architecture come from it);
-    `weights` loads a file or diffusers folder instead of (or for) that entry.
+    `model` names an entry of models.toml (weights, scale/shift, expected architecture); `weights` loads a
+    file or diffusers folder instead of (or, with `model`, for) that entry; neither: the shipped 'default'.
+    Scale and shift follow weights_settings(); where nothing says, they stay 1 and 0 (raw latents) and
+    `info.settings` is "unknown", and encode refuses to write latents with them.
     """
     dev = resolve_device(device)
     check_backend(attn, dev)
-    entry = get_entry(model or "default", models_file) if (model or weights is None) else None
-    if random_weights:
-        if entry is None:
-            raise UsageError("--random-weights needs --model NAME (the architecture to build)")
+    s = weights_settings(model, weights=weights, models_file=models_file, download=download,
+                         random_weights=random_weights, scaling_factor=scaling_factor, shift_factor=shift_factor)
+    scale = s.scaling_factor if s.scaling_factor is not None else 1.0
+    shift = s.shift_factor if s.shift_factor is not None else 0.0
+    if s.path is None:
         torch.manual_seed(0)
-        vae = AutoencoderKL(entry.config()).eval().requires_grad_(False)
-        info = ModelInfo(entry.name, "random", "random")
+        vae = AutoencoderKL(s.entry.config()).eval().requires_grad_(False)
     else:
-        path = Path(weights) if weights is not None else find_weights(entry, download=download)
-        sha = sha256_file(path) if path.is_file() else "folder"
-        if entry is not None and weights is None and entry.sha256 and sha != entry.sha256:
-            raise WeightsError(f"{path}: sha256 {sha[:12]}… does not match models.toml's {entry.sha256[:12]}… "
-                               f"for model {entry.name!r} (corrupt or replaced file)")
-        overrides = {}
-        if entry is not None:   # what the entry says beyond the weights: the latent scale, the attention window
-            overrides = {"scaling_factor": entry.scaling_factor, "shift_factor": entry.shift_factor,
-                         "attn_window": entry.config().attn_window}
-        vae = load_autoencoder(path, **overrides)
-        if entry is not None and entry.arch:
-            want, got = entry.config(), vae.config
+        # the entry's attention window goes with its weights (the default model was trained with it)
+        window = s.entry.config().attn_window if s.entry is not None else 0
+        vae = load_autoencoder(s.path, scaling_factor=scale, shift_factor=shift, attn_window=window)
+        if s.entry is not None and s.entry.arch:
+            want, got = s.entry.config(), vae.config
             if (want.z_channels, want.factor) != (got.z_channels, got.factor):
-                raise WeightsError(f"{path}: weights have {got.z_channels} latent channels and factor {got.factor}, "
-                                   f"model {entry.name!r} expects {want.z_channels} and {want.factor}")
-        info = ModelInfo(entry.name if entry else Path(path).stem, str(path), sha)
-    if scaling_factor is not None:
-        vae.config.scaling_factor = scaling_factor
-    if shift_factor is not None:
-        vae.config.shift_factor = shift_factor
+                raise WeightsError(f"{s.path}: weights have {got.z_channels} latent channels and factor "
+                                   f"{got.factor}, model {s.entry.name!r} expects {want.z_channels} and {want.factor}")
+    vae.config.scaling_factor, vae.config.shift_factor = scale, shift
+    info = ModelInfo(s.name, "random" if s.path is None else str(s.path), s.sha256, s.source)
     vae.set_attn_backend(attn)
     if dev.type == "cpu":
         # oneDNN's CPU convolutions run ~1.4x faster on NHWC (measured with `latentctl bench --memory-format`);

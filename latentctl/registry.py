@@ -33,7 +33,8 @@ class ModelEntry:
     subfolder: str = ""
     filename: str = "diffusion_pytorch_model.safetensors"
     revision: str = "main"
-    sha256: str | None = None
+    sha256: str | None = None         # of the file at `path` (checked at load)
+    known_sha256: list[str] = field(default_factory=list)  # published files with these settings (recognised)
     arch: dict = field(default_factory=dict)
 
     def config(self) -> AEConfig:
@@ -89,6 +90,10 @@ def load_registry(models_file: str | Path | None = None) -> dict[str, ModelEntry
         if unknown:
             raise ModelError(f"model {name!r}: unknown keys {', '.join(sorted(unknown))} "
                              f"(known: {', '.join(sorted(known | set(ARCH_KEYS)))})")
+        hashes = v.get("known_sha256", [])
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and len(h) == 64 for h in hashes):
+            raise ModelError(f"model {name!r}: known_sha256 must be a list of 64-digit hex sha256 strings")
+        v["known_sha256"] = [h.lower() for h in hashes]
         entries[name] = ModelEntry(name=name, arch=arch, **v)
     return entries
 
@@ -117,12 +122,28 @@ def hf_cache_lookup(repo: str, filename: str, subfolder: str = "", revision: str
     return candidate if candidate.is_file() else None
 
 
+_SHA_CACHE: dict[tuple, str] = {}
+
+
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's sha256 (remembered per path, size and mtime: a run that hashes a model twice reads it once)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def entry_for_sha256(sha: str, registry: dict[str, ModelEntry]) -> ModelEntry | None:
+    """The entry whose own file (`sha256`) or one of whose published files (`known_sha256`) has this hash."""
+    for entry in registry.values():
+        if sha == entry.sha256 or sha in entry.known_sha256:
+            return entry
+    return None
 
 
 def find_weights(entry: ModelEntry, download: bool = False) -> Path:

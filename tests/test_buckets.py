@@ -172,6 +172,8 @@ def vae_file(tmp_path_factory):
     vae = AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))  # factor 2
     path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
     save_file(vae.state_dict(), path)
+    # raw latents, said so: weights need a stated scale to be encoded with (issue 14)
+    (path.parent / "config.json").write_text('{"scaling_factor": 1.0, "shift_factor": 0.0}')
     return path
 
 

@@ -40,12 +40,15 @@ def _weights(folder: Path, seed: int = 0, **config) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """tiny: factor 2, scale 0.5 / shift 0.1 (from config.json beside it); f8: factor 8; c8: 8 latent channels."""
+    """tiny: factor 2, scale 0.5 / shift 0.1 (from config.json beside it); f8: factor 8; c8: 8 latent channels
+    (both with a config.json saying scale 1, shift 0)."""
     root = tmp_path_factory.mktemp("models")
     tiny = _weights(root / "tiny")
     (root / "tiny" / "config.json").write_text(json.dumps({"scaling_factor": SCALE, "shift_factor": SHIFT}))
-    return {"tiny": tiny, "f8": _weights(root / "f8", ch_mult=(1, 1, 1, 1)),
-            "c8": _weights(root / "c8", z_channels=8, embed_dim=8)}
+    f8, c8 = _weights(root / "f8", ch_mult=(1, 1, 1, 1)), _weights(root / "c8", z_channels=8, embed_dim=8)
+    for folder in (root / "f8", root / "c8"):  # raw latents: weights need a stated scale to be encoded with
+        (folder / "config.json").write_text(json.dumps({"scaling_factor": 1.0, "shift_factor": 0.0}))
+    return {"tiny": tiny, "f8": f8, "c8": c8}
 
 
 def _save(im: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:

@@ -13,6 +13,10 @@ Dtype = typer.Option("auto", "--dtype", help="Compute precision: auto | fp32 | b
                                                "safe one (bf16 on GPUs, fp32 on CPUs without bf16 kernels).")
 Attn = typer.Option("sdpa", "--attn", help="Attention backend: sdpa (torch, default) | xformers (CUDA, optional "
                                            "extra) | linear (O(N); on ordinary checkpoints an approximation).")
+ScalingFactor = typer.Option(None, "--scaling-factor", help="Latent scale: model-ready = (z - shift) * scale. "
+                             "Default: the model's entry, the weights' config.json, or the published file's.")
+ShiftFactor = typer.Option(None, "--shift-factor", help="Latent shift (default: from the same place as the scale, "
+                                                        "else 0).")
 Download = typer.Option(False, "--download", help="Download the model's weights if they are not on this machine.")
 Json = typer.Option(False, "--json", help="One JSON object per line on stdout.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr (errors still shown).")
@@ -70,5 +74,6 @@ ShardBy = typer.Option("bytes", "--shard-by", help="Balance the N parts by input
 
 __all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "FailFast", "Flip",
            "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "KeepExt", "Null", "Overwrite", "Path", "Quality", "Quiet", "Resize", "Root", "Seed", "Shard", "ShardBy",
-           "SpillDir", "Store", "Tile", "TileSize", "TooSmall", "VerifySources", "Weights", "Workers"]
+           "KeepExt", "Null", "Overwrite", "Path", "Quality", "Quiet", "Resize", "Root", "ScalingFactor", "Seed",
+           "Shard", "ShardBy", "ShiftFactor", "SpillDir", "Store", "Tile", "TileSize", "TooSmall", "VerifySources",
+           "Weights", "Workers"]

@@ -108,6 +108,11 @@ def _paths(inputs: list[str], root: str | None, keep_ext: bool, null: bool) -> d
     return dict(stdin_lines=stdin_lines, root=root, keep_ext=keep_ext, null=True)
 
 
+def _check_scale(scale: float | None, flag: str) -> None:
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"{flag} {scale}: must be a positive finite number")
+
+
 def _load_model(model, weights, models, device, attn, download, **kw):
     vae, info = api.load(model, weights=weights, device=device, attn=attn, models_file=models, download=download, **kw)
     if vae.config.in_channels != 3 or vae.config.out_ch != 3:
@@ -190,7 +195,8 @@ def _roundtrip_table(records: list[run.Record]) -> None:
 def encode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the latent files (mirrors the inputs)."),
            model: Optional[str] = opt.Model, weights: Optional[Path] = opt.Weights,
-           models: Optional[Path] = opt.ModelsFile, device: str = opt.Device, dtype: str = opt.Dtype,
+           models: Optional[Path] = opt.ModelsFile, scaling_factor: Optional[float] = opt.ScalingFactor,
+           shift_factor: Optional[float] = opt.ShiftFactor, device: str = opt.Device, dtype: str = opt.Dtype,
            attn: str = opt.Attn, download: bool = opt.Download, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
            latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
@@ -203,6 +209,10 @@ def encode(inputs: list[str] = Inputs,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+    # the latent scale first: weights that nobody gave a scale for are refused before any work
+    _check_scale(scaling_factor, "--scaling-factor")
+    api.weights_settings(model, weights=weights, models_file=models, download=download,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
@@ -213,7 +223,8 @@ def encode(inputs: list[str] = Inputs,
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     items = scale.part(run.plan_encode(inputs, out, **_paths(inputs, root, keep_ext, null)), rank, shard_by)
-    vae, info = _load_model(model, weights, models, device, attn, download)
+    vae, info = _load_model(model, weights, models, device, attn, download,
+                            scaling_factor=scaling_factor, shift_factor=shift_factor)
     _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
 
 
@@ -242,8 +253,7 @@ def decode(inputs: list[str] = Inputs,
                        overwrite=overwrite, verify_sources=verify_sources,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None and weights is None, **_format(image_format, quality))
-    if scaling_factor is not None and not (math.isfinite(scaling_factor) and scaling_factor > 0):
-        raise UsageError(f"--scaling-factor {scaling_factor}: must be a finite positive number")
+    _check_scale(scaling_factor, "--scaling-factor")
     if shift_factor is not None and not math.isfinite(shift_factor):
         raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
     items = scale.part(run.plan_decode(inputs, out, image_format, **_paths(inputs, root, keep_ext, null)), rank,

@@ -538,6 +538,9 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
                  stop: threading.Event | None = None, claims=None) -> Summary:
     """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
     warn = warn or (lambda message: None)
+    if getattr(info, "settings", None) == "unknown":
+        raise UsageError(f"{info.weights}: no latent scale known for these weights; load them with a model name "
+                         "or scaling_factor= (and shift_factor=) before writing latents")
     seed = _run_seed(options)
     settings = _encode_settings(vae, info, options, seed)
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights

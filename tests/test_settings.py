@@ -1,0 +1,173 @@
+"""Where a model's settings come from (issue 14): explicit flags > the named model's entry > the weights' own
+config.json > a published file recognised by its sha256 > refuse. Checked against diffusers, which applies a
+folder's config.json the same way."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersVAE
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import latentctl
+from latentctl.cli.app import main
+from latentctl.errors import UsageError
+from latentctl.modules import AEConfig, AttnBlock, AutoencoderKL
+from latentctl.pipeline import Options, encode_files, plan_encode
+
+LAYOUTS = {
+    # SD 1.x layout at reduced width (diffusers' AutoencoderKL default scale 0.18215, no shift)
+    "sd": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, scaling_factor=0.18215),
+    # SD3/FLUX layout: 16 channels, no quant convs, a scale and a shift (FLUX's)
+    "flux": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16, use_quant_conv=False,
+                 use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+}
+
+
+def make_diffusers(layout: str) -> DiffusersVAE:
+    torch.manual_seed(0)
+    kw = LAYOUTS[layout]
+    n = len(kw["block_out_channels"])
+    vae = DiffusersVAE(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, **kw)
+    with torch.no_grad():  # move norms and biases off their init values so every parameter matters
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae.eval()
+
+
+def cli(capsys, *args):
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def tiny_weights(path: Path, seed: int = 0, **config) -> Path:
+    """Random weights of a small factor-2 VAE in the original layout, with no config.json beside them."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(AEConfig(**{"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, **config}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(vae.state_dict(), path)
+    return path
+
+
+def photo(path: Path, size=(24, 20), seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+# --- load(weights=...) never borrows the default model's settings -------------------------------------------
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("form", ["folder", "file"])
+def test_load_weights_alone_equals_diffusers_with_the_files_config(layout, form, tmp_path):
+    ref = make_diffusers(layout)
+    ref.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" if form == "folder" else tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    vae, info = latentctl.load(weights=weights)
+    assert info.settings == "config.json"
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (ref.config.scaling_factor,
+                                                                    ref.config.shift_factor or 0.0)
+    # whole-image attention, not the default model's 32-latent-pixel window
+    assert vae.config.attn_window == 0 and all(m.window == 0 for m in vae.modules() if isinstance(m, AttnBlock))
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    shift = ref.config.shift_factor or 0.0
+    with torch.no_grad():
+        want = (ref.encode(x).latent_dist.mean - shift) * ref.config.scaling_factor   # model-ready, diffusers' way
+        got = vae.normalize(vae.encode(x).mean)
+        assert (got - want).abs().max() <= 1e-4
+        want_image = ref.decode(want / ref.config.scaling_factor + shift).sample
+        got_image = vae.decode(vae.denormalize(want))
+        assert (got_image - want_image).abs().max() <= 1e-4
+
+
+def test_flags_beat_the_config_and_the_named_entry_beats_the_file(tmp_path):
+    ref = make_diffusers("flux")
+    ref.save_pretrained(tmp_path / "vae")
+    vae, info = latentctl.load(weights=tmp_path / "vae", scaling_factor=2.0)
+    assert (vae.config.scaling_factor, vae.config.shift_factor, info.settings) == (2.0, 0.1159, "flags")
+    toml = tmp_path / "models.toml"
+    toml.write_text('[mine]\nscaling_factor = 0.25\nshift_factor = 0.5\nz_channels = 16\nattn_window = 8\n')
+    vae, info = latentctl.load("mine", weights=tmp_path / "vae", models_file=toml)
+    assert (vae.config.scaling_factor, vae.config.shift_factor, info.settings) == (0.25, 0.5, "model mine")
+    assert vae.config.attn_window == 8 and info.name == "mine"
+
+
+def test_weights_nobody_describes_load_raw_and_are_not_encoded(tmp_path):
+    weights = tiny_weights(tmp_path / "w" / "vae.safetensors")
+    vae, info = latentctl.load(weights=weights)
+    assert info.settings == "unknown" and info.name == "vae"
+    assert (vae.config.scaling_factor, vae.config.shift_factor, vae.config.attn_window) == (1.0, 0.0, 0)
+    items = plan_encode([str(photo(tmp_path / "in" / "a.png"))], tmp_path / "out")
+    with pytest.raises(UsageError, match="no latent scale known"):
+        encode_files(vae, info, items, Options())
+    assert not (tmp_path / "out").exists()
+
+
+# --- known public files, recognised by sha256 ----------------------------------------------------------------
+
+def test_a_known_files_sha256_gives_its_published_scale(tmp_path, capsys):
+    weights = tiny_weights(tmp_path / "w" / "published.safetensors")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'[published]\nscaling_factor = 0.7\nshift_factor = 0.2\nz_channels = 4\nch_mult = [1, 2]\n'
+                    f'known_sha256 = ["{sha}"]\n')
+    vae, info = latentctl.load(weights=weights, models_file=toml)
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.7, 0.2)
+    assert (info.name, info.settings) == ("published", "sha256 (published)")
+    # another file of the same shape is not that model
+    other = tiny_weights(tmp_path / "w" / "other.safetensors", seed=1)
+    assert latentctl.load(weights=other, models_file=toml)[1].settings == "unknown"
+    # and the CLI writes the published scale into the latents
+    code, _, err = cli(capsys, "encode", photo(tmp_path / "in" / "a.png"), "-o", tmp_path / "out", "-w", weights,
+                       "--models", toml, "-q")
+    assert code == 0, err
+    meta = metadata(tmp_path / "out" / "a.safetensors")
+    assert (meta["scaling_factor"], meta["shift_factor"], meta["model"]) == ("0.7", "0.2", "published")
+
+
+def test_shipped_hashes_are_well_formed_and_unique():
+    from latentctl.registry import load_registry
+    seen = {}
+    for entry in load_registry().values():
+        for h in entry.known_sha256:
+            assert len(h) == 64 and int(h, 16) >= 0 and h == h.lower()
+            assert h not in seen, f"{h} listed for both {seen[h]} and {entry.name}"
+            seen[h] = entry.name
+    assert {"sd15", "sdxl", "sdxl-fp16-fix", "sd3", "flux"} <= set(seen.values())
+
+
+# --- the CLI refuses what it cannot scale ----------------------------------------------------------------------
+
+def test_encode_of_an_unknown_single_file_is_refused_before_any_work(tmp_path, capsys):
+    weights = tiny_weights(tmp_path / "w" / "vae.safetensors")
+    image = photo(tmp_path / "in" / "a.png")
+    code, out, err = cli(capsys, "encode", image, "-o", tmp_path / "out", "-w", weights)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert "--model" in err and "--scaling-factor" in err and "--shift-factor" in err and "vae.safetensors" in err
+    assert not (tmp_path / "out").exists()
+    # the refusal comes first, even with inputs that do not exist
+    code, _, err = cli(capsys, "encode", tmp_path / "nothing-here", "-o", tmp_path / "out", "-w", weights)
+    assert code == 2 and "--scaling-factor" in err
+    # a stated scale is what gets written
+    code, _, err = cli(capsys, "encode", image, "-o", tmp_path / "out", "-w", weights, "--scaling-factor", "0.5", "-q")
+    assert code == 0, err
+    meta = metadata(tmp_path / "out" / "a.safetensors")
+    assert (float(meta["scaling_factor"]), float(meta["shift_factor"]), meta["scaled"]) == (0.5, 0.0, "true")
+    for bad in ("0", "-1", "nan", "inf"):
+        code, _, err = cli(capsys, "encode", image, "-o", tmp_path / "o2", "-w", weights, "--scaling-factor", bad)
+        assert code == 2 and "--scaling-factor" in err
