@@ -217,6 +217,15 @@ def assign_outputs(items: list[Item], out_dir: Path, suffix: str, *, keep_ext: b
     return kept
 
 
+def check_unique(paths: list[Path], what: str = "output") -> None:
+    """Raise UsageError when two of `paths` are the same (e.g. a clip's video and another input's image)."""
+    seen = set()
+    for p in paths:
+        if p in seen:
+            raise UsageError(f"two inputs would both write the {what} {p}")
+        seen.add(p)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -64,6 +64,21 @@ def read_source(path, rel: str) -> tuple[bytes, Source]:
     return data, Source(os.path.abspath(path), rel, len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
 
 
+def identify(path, rel: str) -> Source:
+    """The identity of a file read in pieces elsewhere (a video clip): size and mtime, then its sha256."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}") from None
+    why = not_regular(st.st_mode)
+    if why:
+        raise InputError(why)
+    sha = _sha256_of(path)
+    if sha is None:
+        raise InputError("cannot read")
+    return Source(os.path.abspath(path), rel, st.st_size, st.st_mtime_ns, sha)
+
+
 def _sha256_of(path) -> str | None:
     """sha256 of a regular file's content, or None when it cannot be read."""
     try:

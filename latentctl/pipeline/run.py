@@ -158,7 +158,10 @@ def _guarded(fn, vae, x, options, warn, what: str):
 
 # --- planning ---------------------------------------------------------------------------------------------------
 
-def _plan(inputs, out_dir, exts, suffix, *, stdin_lines, root, keep_ext, null, also=None) -> list[Item]:
+def plan(inputs, out_dir, exts, suffix, *, stdin_lines=None, root=None, keep_ext: bool = False, null: bool = False,
+         also=None) -> list[Item]:
+    """discover + assign_outputs + the checks made before any model is loaded: no output is an input file, the
+    output folder can be created and written (UsageError otherwise). `also(output)`: further paths an item writes."""
     items = discover(inputs, exts, stdin_lines=stdin_lines, exclude=out_dir, root=root, null=null)
     if out_dir is None:
         return items  # roundtrip's metrics only: nothing is written
@@ -173,19 +176,19 @@ def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None, *, root=None
                 null: bool = False) -> list[Item]:
     """Inputs -> items with their latent file paths (see pipeline/inputs.py for the mapping). Raises UsageError
     when an output would overwrite an input or the output folder cannot be created or written."""
-    return _plan(inputs, out_dir, IMAGE_EXTS, ".safetensors", stdin_lines=stdin_lines, root=root,
+    return plan(inputs, out_dir, IMAGE_EXTS, ".safetensors", stdin_lines=stdin_lines, root=root,
                  keep_ext=keep_ext, null=null)
 
 
 def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", stdin_lines=None, *, root=None,
                 keep_ext: bool = False, null: bool = False) -> list[Item]:
-    return _plan(inputs, out_dir, LATENT_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
+    return plan(inputs, out_dir, LATENT_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
                  keep_ext=keep_ext, null=null)
 
 
 def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", stdin_lines=None, *,
                    root=None, keep_ext: bool = False, null: bool = False) -> list[Item]:
-    return _plan(inputs, out_dir, IMAGE_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
+    return plan(inputs, out_dir, IMAGE_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
                  keep_ext=keep_ext, null=null, also=lambda output: [compare_path(output)])
 
 
@@ -534,6 +537,23 @@ def _run_seed(options: Options) -> int | None:
     return options.seed if options.seed is not None else secrets.randbits(63)
 
 
+def latent_check(settings: dict[str, str], options: Options):
+    """resume's check(item) for latent files: written with `settings` (else a conflict) from this very source
+    (else redone, saying why: see provenance.judge)."""
+    def check(item):
+        try:
+            meta, shapes = latents.read_metadata(item.output)
+        except InputError:
+            return "redo", "incomplete output"
+        state, reason = latents.check_metadata(meta, shapes, settings)
+        if state != "done":
+            return state, reason
+        same, why = provenance.judge(meta, item.path, item.rel.as_posix(), options.verify_sources)
+        return ("done", "") if same else ("redo", why)
+
+    return check
+
+
 def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
                  stop: threading.Event | None = None, claims=None) -> Summary:
     """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
@@ -565,18 +585,7 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
         return _ok(job.item, tensors["latent"].shape)
 
-    def check(item):
-        try:
-            meta, shapes = latents.read_metadata(item.output)
-        except InputError:
-            return "redo", "incomplete output"
-        state, reason = latents.check_metadata(meta, shapes, settings)
-        if state != "done":
-            return state, reason
-        same, why = provenance.judge(meta, item.path, item.rel.as_posix(), options.verify_sources)
-        return ("done", "") if same else ("redo", why)
-
-    summary = _drive(items, check, lambda item: _load_image_job(item, vae, options, seed), compute, finish, options,
+    summary = _drive(items, latent_check(settings, options), lambda item: _load_image_job(item, vae, options, seed), compute, finish, options,
                      report, stop, claims)
     summary.seed = seed
     return summary
