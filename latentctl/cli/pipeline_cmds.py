@@ -19,8 +19,9 @@ from typing import Optional
 import typer
 
 from .. import api, buckets as bucketing
+from ..modules import precision
 from ..errors import UsageError
-from ..pipeline import images, media, run
+from ..pipeline import datasets, images, media, run
 from ..pipeline.clip_writers import CLIP_FORMATS
 from ..pipeline.frames import Selection
 from ..pipeline.inputs import split_paths
@@ -30,7 +31,9 @@ from . import options as opt
 from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line (NUL-separated with -0).")
+                                  "one per line (NUL-separated with -0); or WebDataset tar shards: .tar files, a "
+                                  "folder of them (an img2dataset output folder as it is), globs, or brace ranges "
+                                  "s/{00000..00099}.tar.")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -141,6 +144,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
+    # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
+    vae = precision.hold(vae, precision.weights_dtype(options.dtype))
     stop, caught = threading.Event(), []
 
     def on_signal(signum, frame):
@@ -153,7 +158,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     records, closed = [], []
-    bar = output.progress(len(items), verb, quiet)
+    bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
         if record.status == "error":
@@ -229,9 +234,15 @@ def encode(inputs: list[str] = Inputs,
            spill_dir: Optional[str] = opt.SpillDir, frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
            max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
            json: bool = opt.Json, quiet: bool = opt.Quiet,
+           to: str = typer.Option("files", "--to", help="files: one .safetensors per image or clip (default) | wds: "
+                                  "WebDataset tar shards of image latents, one per input shard (same name) or "
+                                  "--shard-size images each, with NAME_stats.json written last."),
+           shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
+                                                    f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
-    (T, C, h, w)); complete ones are skipped on a rerun."""
+    (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
+    OUT/index.parquet lists every image latent."""
     # the latent scale first: weights that nobody gave a scale for are refused before any work
     _check_scale(scaling_factor, "--scaling-factor")
     api.weights_settings(model, weights=weights, models_file=models, download=download,
@@ -246,11 +257,16 @@ def encode(inputs: list[str] = Inputs,
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
-    items = scale.part(media.plan_encode(inputs, out, **_paths(inputs, root, keep_ext, null)), rank, shard_by)
+    paths = _paths(inputs, root, keep_ext, null)
+    items, sink = datasets.plan_encode(inputs, out, to=to, shard_size=shard_size, overwrite=overwrite,
+                                       part=lambda xs: scale.part(xs, rank, shard_by), **paths)
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
-    _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options, json,
-             quiet, rank, claims=Claims())
+    if isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+        _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
+                 json, quiet, rank, claims=Claims(), sink=sink)
+    else:  # streamed shards, or shards out: ranks split whole shards
+        _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def decode(inputs: list[str] = Inputs,
@@ -282,13 +298,23 @@ def decode(inputs: list[str] = Inputs,
     _check_scale(scaling_factor, "--scaling-factor")
     if shift_factor is not None and not math.isfinite(shift_factor):
         raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
-    items = scale.part(media.plan_decode(inputs, out, options.image_format, _clip_format(image_format),
-                                         **_paths(inputs, root, keep_ext, null)), rank, shard_by)
+    paths = _paths(inputs, root, keep_ext, null)
+    stdin_lines = paths["stdin_lines"]
+    items, sink = datasets.plan_decode(inputs, out, image_format=options.image_format,
+                                       clip_format=_clip_format(image_format),
+                                       part=lambda xs: scale.part(xs, rank, shard_by), **paths)
     if model is None and weights is None:
-        model, weights = _model_from_files(items, models)
+        if hasattr(items, "__len__"):
+            model, weights = _model_from_files(items, models)
+        else:
+            meta = datasets.first_latent_metadata(inputs, stdin_lines)
+            model, weights = run.model_for_latents(meta, models) if meta is not None else ("default", None)
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
-             items, options, json, quiet, rank, claims=Claims())
+    if isinstance(items, list):
+        _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
+                 items, options, json, quiet, rank, claims=Claims(), sink=sink)
+    else:  # latent shards: one image per sample
+        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def _model_from_files(items, models) -> tuple:

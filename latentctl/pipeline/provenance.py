@@ -64,6 +64,11 @@ def read_source(path, rel: str) -> tuple[bytes, Source]:
     return data, Source(os.path.abspath(path), rel, len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
 
 
+def of_bytes(data: bytes, source: str, rel: str) -> Source:
+    """The identity of an input that is not a file of its own (a tar member): its bytes' size and sha256."""
+    return Source(source, rel, len(data), 0, hashlib.sha256(data).hexdigest())
+
+
 def identify(path, rel: str) -> Source:
     """The identity of a file read in pieces elsewhere (a video clip): size and mtime, then its sha256."""
     try:

@@ -9,6 +9,7 @@ All model compute goes through encode_batch() and decode_batch(), which tile (la
 or when a batch would not fit in memory.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -17,10 +18,11 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -28,9 +30,10 @@ import torch
 from .. import __version__, buckets as bucketing, tiling
 from ..errors import InputError, LatentctlError, Skip, UsageError
 from ..metrics import psnr, ssim
-from ..modules import AutoencoderKL, DiagonalGaussian
+from ..modules import AutoencoderKL, DiagonalGaussian, precision
 from . import images, latents, outputs, provenance
-from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, discover, resume
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, discover, resume_one
+from .sinks import FileSink
 
 STORES = ("mean", "sample", "posterior")
 TILE_MODES = tiling.MODES
@@ -40,7 +43,7 @@ TILE_MODES = tiling.MODES
 class Options:
     """Everything a run needs besides the model and the inputs (the CLI fills it from the flags)."""
 
-    dtype: torch.dtype = torch.float32      # compute precision; bf16/fp16 run under autocast
+    dtype: torch.dtype = torch.float32      # compute precision (autocast unless the weights are held in it)
     batch_size: int = 4
     workers: int = 4                        # loader threads, and as many writer threads
     store: str = "mean"                     # mean | sample | posterior
@@ -82,6 +85,7 @@ class Record:
     psnr: float | None = None       # roundtrip only
     ssim: float | None = None
     redone: str | None = None       # an existing output was made again: "source changed", "other dataset", ...
+    item: Item | None = field(default=None, repr=False, compare=False)  # for sinks; not part of to_dict()
 
     def to_dict(self) -> dict:
         d = {"input": self.input, "output": self.output, "status": self.status, "error": self.error,
@@ -121,13 +125,23 @@ class _Job:
 # --- the two seams: every model call of the pipeline goes through one of these -------------------------------
 
 def _autocast(vae: AutoencoderKL, options: Options):
+    """Autocast only for float32 weights computing in bf16/fp16; weights held in the compute dtype
+    (latentctl.load(dtype=...), what the CLI does for bf16) need no per-call casts."""
     device = next(vae.parameters()).device
-    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != torch.float32)
+    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != vae.dtype)
+
+
+def _model_for(vae: AutoencoderKL, options: Options) -> AutoencoderKL:
+    """vae, or, when fp32 is asked of weights held in bf16 (the redo after an overflow), an fp32 copy of it."""
+    if options.dtype == torch.float32 and vae.dtype != torch.float32:
+        return precision.hold(copy.deepcopy(vae), torch.float32)
+    return vae
 
 
 def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> DiagonalGaussian:
     """Images (B, 3, H, W) in [-1, 1] -> posterior with float32 mean/logvar (B, C, h, w).
     Tiled when options.tile says so (auto: when the untiled batch would not fit options.max_memory)."""
+    vae = _model_for(vae, options)
     with torch.inference_mode(), _autocast(vae, options):
         posterior = tiling.encode(vae, x, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
                                   dtype=options.dtype, spill=options.spill)
@@ -136,6 +150,7 @@ def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> Diago
 
 def decode_batch(vae: AutoencoderKL, z: torch.Tensor, options: Options) -> torch.Tensor:
     """Raw latents (B, C, h, w) -> images (B, 3, H, W), float32, about [-1, 1] (not clamped). Tiled as encode_batch."""
+    vae = _model_for(vae, options)
     with torch.inference_mode(), _autocast(vae, options):
         return tiling.decode(vae, z, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
                              dtype=options.dtype, spill=options.spill).float()
@@ -220,13 +235,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def _error(item: Item, message: str, seconds: float = 0.0) -> Record:
-    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds)
+    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds,
+                  item=item)
 
 
-def _ok(item: Item, shape, **extra) -> Record:
+def _ok(item: Item, shape, output: str | None = None, **extra) -> Record:
     """The Record of a written output (saying why, when it replaced an existing one)."""
-    return Record(item.source, str(item.output) if item.output else None, "ok", shape=list(shape),
-                  redone=item.redo, **extra)
+    output = output if output is not None else str(item.output) if item.output else None
+    return Record(item.source, output, "ok", shape=list(shape), redone=item.redo, item=item, **extra)
 
 
 def _load(load, item: Item):
@@ -240,7 +256,7 @@ def _load(load, item: Item):
         return _error(item, str(e), time.perf_counter() - t)
     except Skip as e:
         return Record(item.source, str(item.output) if item.output else None, "skipped", str(e),
-                      seconds=time.perf_counter() - t)
+                      seconds=time.perf_counter() - t, item=item)
     except Exception as e:  # pillow and decoders raise many kinds on hostile files: all are the item's error
         return _error(item, f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t)
     job.seconds = time.perf_counter() - t
@@ -259,6 +275,7 @@ def _finish(finish, job: _Job, result) -> Record:
     except Exception as e:
         record = _error(job.item, f"{type(e).__name__}: {_first_line(e)}")
     record.seconds = job.seconds + time.perf_counter() - t
+    record.item = job.item
     return record
 
 
@@ -317,14 +334,15 @@ def _result(future: Future, halted):
                 return None
 
 
-def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop, claims=None) -> Summary:
-    """Every item once, through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
+def _drive(items: Iterable[Item], check, load, compute, finish, options: Options, report, stop,
+           claims=None) -> Summary:
+    """Every item once (from a list, or a generator that streams them: tar shards), through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
     claimed before it is loaded, so runs sharing the output folder split the items; items another live run holds
     are done in later rounds, once free (or skipped, once that run has written them)."""
     if claims is None:
         return _drive_round(items, check, load, compute, finish, options, report, stop)
     started = time.perf_counter()
-    summary, stop, rounds = Summary(total=len(items)), stop if stop is not None else threading.Event(), 0
+    summary, stop, rounds = Summary(total=len(items) if hasattr(items, "__len__") else 0), stop if stop is not None else threading.Event(), 0
     try:
         while items:
             before = claims.by_others
@@ -342,11 +360,15 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
     return summary
 
 
-def _drive_round(items: list[Item], check, load, compute, finish, options: Options, report, stop,
+def _drive_round(items: Iterable[Item], check, load, compute, finish, options: Options, report, stop,
                  claims=None) -> Summary:
+    """Pull items one at a time, decide each one's resume state as it comes (check(item) -> (state, reason)),
+    load, batch, compute and finish the ones to do."""
     started = time.perf_counter()
-    summary = Summary(total=len(items))
+    sized = hasattr(items, "__len__")
+    summary = Summary(total=len(items) if sized else 0)
     stop = stop if stop is not None else threading.Event()
+    ended = []  # set once every item has been pulled
 
     def emit(record: Record) -> None:
         summary.ok += record.status == "ok"
@@ -360,19 +382,33 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
     def halted() -> bool:
         return stop.is_set() or (options.fail_fast and summary.failed > 0)
 
-    outputs.clean_stale_temps(sorted({i.output.parent for i in items if i.output is not None}))
-    todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
-    for item in done:
-        emit(Record(item.source, str(item.output), "skipped"))
-    for item, reason in refused:
-        emit(_error(item, reason))
+    if hasattr(items, "__len__"):  # a list (streamed shards clean their own temporaries)
+        outputs.clean_stale_temps(sorted({i.output.parent for i in items if i.output is not None}))
+
+    def triage():
+        """The items to do, in order; skipped and refused ones are reported as they are met."""
+        for item in items:
+            summary.total += not sized
+            state, reason = resume_one(item, options.overwrite, check)
+            if state == "done":
+                emit(Record(item.source, str(item.output), "skipped", item=item))
+            elif state == "conflict":
+                emit(_error(item, reason))
+            else:
+                yield item
+            if halted():
+                return
+        ended.append(True)
 
     workers = max(1, options.workers)
     ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
     loader, writer = _Threads(workers, "latentctl-load"), _Threads(workers, "latentctl-write")
     pending, writes, buckets = deque(), deque(), {}
-    source = iter(todo) if claims is None else claims.take(
-        todo, check, options.overwrite, lambda item: emit(Record(item.source, str(item.output), "skipped")))
+    if claims is None:
+        source = triage()
+    else:  # claims ask check(item) whether another run finished it meanwhile
+        source = claims.take(triage(), check, options.overwrite,
+                             lambda item: emit(Record(item.source, str(item.output), "skipped", item=item)))
 
     def fill() -> None:
         while len(pending) < ahead and not halted() and (item := next(source, None)) is not None:
@@ -423,7 +459,7 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
         loader.close()
         drain(0)  # the writes in flight always finish, even after Ctrl-C (a second one abandons them)
         writer.close()
-    summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
+    summary.interrupted = stop.is_set() and (not ended or summary.ok + summary.skipped + summary.failed < summary.total)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -431,7 +467,11 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
 # --- encode ---------------------------------------------------------------------------------------------------
 
 def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int | None = None) -> _Job:
-    data, source = provenance.read_source(item.path, item.rel.as_posix())
+    if item.data is not None:  # a tar member
+        data, source = item.data, provenance.of_bytes(item.data, item.source, item.rel.as_posix())
+    else:
+        data, source = provenance.read_source(item.path, item.rel.as_posix())
+    item.data = None  # the decoded image is what is kept from here on
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
     info = {"loaded": loaded, "source": source}
     if options.buckets is None:
@@ -548,15 +588,27 @@ def latent_check(settings: dict[str, str], options: Options):
         state, reason = latents.check_metadata(meta, shapes, settings)
         if state != "done":
             return state, reason
+        if item.data is not None or item.key is not None:  # a tar sample: its shard's identity is the sink's
+            return "done", ""
         same, why = provenance.judge(meta, item.path, item.rel.as_posix(), options.verify_sources)
         return ("done", "") if same else ("redo", why)
 
     return check
 
 
-def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None, claims=None) -> Summary:
-    """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
+def _through(sink, items: Iterable[Item], report):
+    """Items placed by the sink (it sets their outputs), and a report that tells the sink every record first."""
+    def reported(record: Record) -> None:
+        sink.record(record)
+        if report is not None:
+            report(record)
+    return map(sink.place, items) if not hasattr(items, "__len__") else [sink.place(i) for i in items], reported
+
+
+def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None, claims=None) -> Summary:
+    """Encode images to latents (items from plan_encode, or any iterable of Items: datasets.plan streams tar
+    shards). `info` is api.load()'s ModelInfo. `sink` (sinks.py) says where they go: one file each by default."""
     warn = warn or (lambda message: None)
     if getattr(info, "settings", None) == "unknown":
         raise UsageError(f"{info.weights}: no latent scale known for these weights; load them with a model name "
@@ -582,11 +634,21 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         return out
 
     def finish(job, tensors):
-        latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
-        return _ok(job.item, tensors["latent"].shape)
+        meta = _metadata(job, vae, info, settings, seed)
+        shape = list(tensors["latent"].shape)
+        where = sink.write(job.item, latents.to_bytes(tensors, meta),
+                           {"shape": shape, "source": meta["source"], "source_sha256": meta["source_sha256"]})
+        return _ok(job.item, shape, output=where)
 
-    summary = _drive(items, latent_check(settings, options), lambda item: _load_image_job(item, vae, options, seed), compute, finish, options,
-                     report, stop, claims)
+    sink = sink if sink is not None else FileSink(None)
+    sink.open(settings, latent_check(settings, options))
+    items, report = _through(sink, items, report)
+    summary = None
+    try:
+        summary = _drive(items, sink.check, lambda item: _load_image_job(item, vae, options, seed), compute,
+                         finish, options, report, stop, claims)
+    finally:
+        sink.close(summary is None or summary.interrupted)
     summary.seed = seed
     return summary
 
@@ -619,7 +681,11 @@ def _scale_shift(meta: dict, options: Options) -> tuple[float, float]:
 
 
 def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> _Job:
-    data, source = provenance.read_source(item.path, item.rel.as_posix())
+    if item.data is not None:  # a tar member
+        data, source = item.data, provenance.of_bytes(item.data, item.source, item.rel.as_posix())
+    else:
+        data, source = provenance.read_source(item.path, item.rel.as_posix())
+    item.data = None
     latent, meta = latents.parse(data, options.key)
     if not latent.is_floating_point():
         raise InputError(f"tensor {options.key!r} holds {str(latent.dtype).replace('torch.', '')} values; "
@@ -679,9 +745,10 @@ def _decode_settings(info, options: Options) -> dict[str, str]:
             "shift_factor": "" if options.shift_factor is None else repr(options.shift_factor)}
 
 
-def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None, claims=None) -> Summary:
-    """Decode latent files to images cropped to their valid box (items from plan_decode)."""
+def decode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None, claims=None) -> Summary:
+    """Decode latents to images cropped to their valid box (items from plan_decode, or latent shards through
+    datasets.plan). `sink`: where the images go (one file each)."""
     warn = warn or (lambda message: None)
     device = next(vae.parameters()).device
 
@@ -692,8 +759,9 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
 
     def finish(job, image):
         rgb = images.to_uint8(_crop(image, job.info["valid"]))
-        _write_image(job.item.output, rgb, options, {"format": DECODED, **settings, **job.info["source"].metadata()})
-        return _ok(job.item, [3, *rgb.shape[:2]])
+        data = images.encode_image(rgb, options.image_format, options.quality,
+                                   record={"format": DECODED, **settings, **job.info["source"].metadata()})
+        return _ok(job.item, [3, *rgb.shape[:2]], output=sink.write(job.item, data))
 
     def check(item):
         recorded = images.read_record(item.output)
@@ -706,8 +774,16 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         same, why = provenance.judge(recorded, item.path, item.rel.as_posix(), options.verify_sources)
         return ("done", "") if same else ("redo", why)
 
-    return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
-                  options, report, stop, claims)
+    sink = sink if sink is not None else FileSink(None, "." + options.image_format)
+    sink.open({}, check)
+    items, report = _through(sink, items, report)
+    summary = None
+    try:
+        summary = _drive(items, sink.check, lambda item: _load_latent_job(item, vae, info, options), compute,
+                         finish, options, report, stop, claims)
+    finally:
+        sink.close(summary is None or summary.interrupted)
+    return summary
 
 
 # --- roundtrip ------------------------------------------------------------------------------------------------
