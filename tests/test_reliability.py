@@ -225,8 +225,8 @@ def test_5_name_clash_fails_only_the_twins_and_keep_ext_keeps_both(weights, tmp_
     assert not (tmp_path / "out" / "a.safetensors").exists()
     code, stdout, err = cli(capsys, "encode", imgs, "-o", tmp_path / "kept", "-w", weights["a"], "--keep-ext")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["a.jpg.safetensors", "a.png.safetensors",
-                                                                      "b.png.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "kept").glob("*.safetensors")) == [
+        "a.jpg.safetensors", "a.png.safetensors", "b.png.safetensors"]
 
 
 # --- 6. output problems are found once, before the compute -----------------------------------------------------
@@ -239,10 +239,17 @@ def test_6_output_folder_that_cannot_be_made_or_written_is_one_line_before_the_m
     readonly.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere a permission bit forbids; /sys refuses even root
         readonly = Path("/sys")
-    # a model that does not exist: the output error comes first, so the folder was checked before loading
+    # weights that cannot be loaded (garbage tensors, a config.json that gives the scale): the output error
+    # comes first, so the folder was checked before the model was loaded
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vae.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}garbage")
+    (broken / "config.json").write_text(json.dumps({"scaling_factor": 0.5, "shift_factor": 0.1}))
+    code, _, err = cli(capsys, "encode", tmp_path / "imgs", "-o", tmp_path / "fine", "-w", broken / "vae.safetensors")
+    assert code == 2 and "not a readable safetensors" in err  # these weights alone: a weights error
     for out, why in ((tmp_path / "file" / "sub", "not a folder"), (readonly, "not writable"),
                      (readonly / "new" / "deeper", "cannot be created")):
-        code, _, err = cli(capsys, "encode", tmp_path / "imgs", "-o", out, "-m", "no-such-model")
+        code, _, err = cli(capsys, "encode", tmp_path / "imgs", "-o", out, "-w", broken / "vae.safetensors")
         assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (out, err)
 
 
@@ -319,4 +326,5 @@ def test_8_temp_names_are_unique_and_stale_temps_are_cleaned(weights, tmp_path, 
     for name in (stale, live, ".vanished.safetensors.latentctl-tmp"):  # the last: an older latentctl's name
         (tmp_path / "out" / name).write_bytes(b"partial")
     assert cli(capsys, "encode", tmp_path / "imgs", "-o", tmp_path / "out", "-w", weights["a"])[0] == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["a.safetensors", live])
+    left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "index.parquet")
+    assert left == sorted(["a.safetensors", live])
