@@ -200,6 +200,9 @@ def test_max_memory_holds_in_a_real_process(tmp_path):
     photo = Image.fromarray(data.astronaut())
     photo.resize((64, 64)).save(small)
     photo.resize((512, 512)).save(big)
+    from latentctl import tiling
+    p = tiling.plan(latentctl.load(weights=weights)[0], (1, 3, 512, 512), "encode", mode="auto", budget=24 * 2**20)
+    assert p.tile and p.fits and p.peak <= 24 * 2**20 < p.estimate   # the planner says it fits, untiled would not
     script = MEASURE.format(tests=str(TESTS))
     growth = {}
     for name, extra in (("budget", ["--max-memory", "24M"]), ("untiled", ["--tile", "off"])):

@@ -139,9 +139,10 @@ def _load_model(model, weights, models, device, attn, download, **kw):
 
 
 def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, rank=None,
-             **extra) -> None:
+             progress=None, **extra) -> None:
     """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code.
-    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
+    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `progress` (a
+    dist.progress.ProgressWriter) gets every record; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
     # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
@@ -161,6 +162,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
+        if progress is not None:
+            progress.add(record)
         if record.status == "error":
             output.error(f"{record.input}: {record.error}")
         elif record.status == "skipped" and record.error:  # skipped on purpose, with the reason (never silent)
@@ -180,8 +183,11 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
+        summary = None
         summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **extra)
     finally:
+        if progress is not None:
+            progress.close(finished=summary is not None and not summary.interrupted)
         if bar is not None:
             bar.stop()
         for s, h in handlers.items():
@@ -239,7 +245,8 @@ def encode(inputs: list[str] = Inputs,
                                   "--shard-size images each, with NAME_stats.json written last."),
            shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
                                                     f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
-           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy, engine: str = opt.Engine,
+           ray_address: Optional[str] = opt.RayAddress):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
     (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
     OUT/index.parquet lists every image latent."""
@@ -248,6 +255,7 @@ def encode(inputs: list[str] = Inputs,
     api.weights_settings(model, weights=weights, models_file=models, download=download,
                          scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
+    fn, engine_args = scale.engine(engine, ray_address)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite, verify_sources=verify_sources,
@@ -258,13 +266,19 @@ def encode(inputs: list[str] = Inputs,
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
     paths = _paths(inputs, root, keep_ext, null)
+    planned = []  # how many items the whole job has (every rank's part)
     items, sink = datasets.plan_encode(inputs, out, to=to, shard_size=shard_size, overwrite=overwrite,
-                                       part=lambda xs: scale.part(xs, rank, shard_by), **paths)
+                                       part=scale.counted(planned, rank, shard_by), **paths)
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
-    if isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+    if fn is not None:  # --engine ray: image files to latent files
+        scale.check_engine_items(items, to)
+        _execute("encode", fn, vae, info, items, options, json, quiet, rank,
+                 scale.progress(out, rank, planned, items, None), **engine_args)
+    elif isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+        claims = Claims()
         _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
-                 json, quiet, rank, claims=Claims(), sink=sink)
+                 json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims, sink=sink)
     else:  # streamed shards, or shards out: ranks split whole shards
         _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
@@ -300,9 +314,10 @@ def decode(inputs: list[str] = Inputs,
         raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
     paths = _paths(inputs, root, keep_ext, null)
     stdin_lines = paths["stdin_lines"]
+    planned = []  # how many items the whole job has
     items, sink = datasets.plan_decode(inputs, out, image_format=options.image_format,
                                        clip_format=_clip_format(image_format),
-                                       part=lambda xs: scale.part(xs, rank, shard_by), **paths)
+                                       part=scale.counted(planned, rank, shard_by), **paths)
     if model is None and weights is None:
         if hasattr(items, "__len__"):
             model, weights = _model_from_files(items, models)
@@ -311,8 +326,10 @@ def decode(inputs: list[str] = Inputs,
             model, weights = run.model_for_latents(meta, models) if meta is not None else ("default", None)
     vae, info = _load_model(model, weights, models, device, attn, download)
     if isinstance(items, list):
+        claims = Claims()
         _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
-                 items, options, json, quiet, rank, claims=Claims(), sink=sink)
+                 items, options, json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims,
+                 sink=sink)
     else:  # latent shards: one image per sample
         _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
