@@ -299,6 +299,7 @@ def test_status_counts_a_job_of_ranks_reruns_and_concurrent_runs():
     assert job.eta == pytest.approx(49 / job.rate)
     job = summarize(runs, now + 100)  # nothing recorded for 100 s: stopped, no ETA
     assert {r.state for r in job.ranks} == {"stopped"} and job.rate == 0 and job.eta is None
+    assert job.ranks[0].rate == pytest.approx(30 / (400 + 490))  # a rank not running: its average
 
 
 def test_status_command_reads_the_ranks_progress(imgs, tiny, tmp_path, capsys):

@@ -6,7 +6,8 @@ at the end. Counting the whole job from them:
 - a job is the files with the same world size and job size (all items of all ranks) as the newest file;
 - a rank's done = the fewest items any of its runs found done at its start, plus every ok of its runs, plus the
   failures of its runs nobody reran since (a run that started after another's last record supersedes it);
-- the rate is the sum over the runs still going of ok / seconds; ETA = what is left / rate.
+- the job's rate is the sum over the runs still going of ok / seconds; ETA = what is left / rate (a rank that
+  is not running shows its average rate).
 """
 
 import json
@@ -98,7 +99,7 @@ class RankStatus:
     ok: int
     failed: int
     runs: int
-    rate: float             # ok per second of the runs still going
+    rate: float             # ok per second: of the runs still going, else of all its runs while they ran
     state: str              # running | finished | stopped (no record for STALE seconds, not finished)
 
 
@@ -125,6 +126,7 @@ def _rank_status(rank: int, runs: list[RunProgress], now: float) -> RankStatus:
     going = [r for r in current if not r.finished and now - r.updated < STALE]
     rate = sum(r.ok / max(r.updated - r.started, 1e-9) for r in going)
     state = "running" if going else "finished" if all(r.finished for r in current) else "stopped"
+    rate = rate if going else sum(r.ok for r in runs) / max(sum(r.updated - r.started for r in runs), 1e-9)
     return RankStatus(rank, total, min(done, total), sum(r.ok for r in runs), sum(r.failed for r in current),
                       len(runs), rate, state)
 
@@ -138,7 +140,7 @@ def summarize(runs: list[RunProgress], now: float | None = None) -> JobStatus | 
     job = [r for r in runs if (r.world, r.job_total) == (newest.world, newest.job_total)]
     ranks = [_rank_status(k, [r for r in job if r.rank == k], now) for k in sorted({r.rank for r in job})]
     done = sum(r.done for r in ranks)
-    rate = sum(r.rate for r in ranks)
+    rate = sum(r.rate for r in ranks if r.state == "running")
     left = newest.job_total - done
     running = any(r.state == "running" for r in ranks)
     eta = 0.0 if left <= 0 else (left / rate if running and rate > 0 else None)
