@@ -274,7 +274,7 @@ def test_7_decode_nan_int_and_bad_scale_files_are_each_an_error(weights, tmp_pat
     assert "int64" in rec["int"]["error"] and "bool" in rec["bool"]["error"]
     assert "scaling_factor inf" in rec["inf-scale"]["error"] and "scaling_factor -2" in rec["neg-scale"]["error"]
     assert "shift_factor nan" in rec["nan-shift"]["error"]
-    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["good.png"]
+    assert sorted(p.name for p in (tmp_path / "dec").glob("*.png")) == ["good.png"]
 
 
 # --- 8. one line per file name, NUL-separated stdin, 16-bit RGB, temp files -------------------------------------
