@@ -326,5 +326,6 @@ def test_8_temp_names_are_unique_and_stale_temps_are_cleaned(weights, tmp_path, 
     for name in (stale, live, ".vanished.safetensors.latentctl-tmp"):  # the last: an older latentctl's name
         (tmp_path / "out" / name).write_bytes(b"partial")
     assert cli(capsys, "encode", tmp_path / "imgs", "-o", tmp_path / "out", "-w", weights["a"])[0] == 0
-    left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "index.parquet")
+    left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(outputs.TEMP_SUFFIX)
+                  or p.suffix == ".safetensors")
     assert left == sorted(["a.safetensors", live])
