@@ -103,8 +103,10 @@ def test_animated_gif_and_webp_timestamps_and_fps(clips, weights, tmp_path, caps
     still = tmp_path / "in" / "still.gif"
     still.parent.mkdir()
     Image.fromarray(_pan_zoom(1)[0]).save(still)
-    code, out, err = cli(capsys, "encode", clips / "hop.gif", clips / "spin.webp", still, "-o", tmp_path / "lat",
-                         "-w", weights, "--json")
+    for name in ("hop.gif", "spin.webp"):  # one folder: outputs mirror paths from the folder holding all inputs
+        (tmp_path / "in" / name).symlink_to(clips / name)
+    code, out, err = cli(capsys, "encode", tmp_path / "in" / "hop.gif", tmp_path / "in" / "spin.webp", still,
+                         "-o", tmp_path / "lat", "-w", weights, "--json")
     assert code == 0, err
     assert {r["input"]: r["shape"] for r in _records(out)}[str(still)] == [4, 11, 14]  # a still GIF is an image
     gif, _ = _load(tmp_path / "lat" / "hop.safetensors")
@@ -199,9 +201,11 @@ def test_decode_writes_mp4_gif_webp_and_frame_folders(mp4_latent, weights, tmp_p
         assert np.array_equal(np.asarray(Image.open(dec / "pan" / f"{k:06d}.png")),
                               np.asarray(Image.open(tmp_path / "img" / f"{k:02d}.png")))
     # a rerun skips the finished video; --format mp4 for an image latent is that item's error
-    code, out, err = cli(capsys, "decode", path, frame_latents / "00.safetensors", "-o", dec, "--format", "mp4",
+    code, out, err = cli(capsys, "decode", path, "-o", dec, "--format", "mp4", "--json")
+    assert code == 0 and [r["status"] for r in _records(out)] == ["skipped"]
+    code, out, err = cli(capsys, "decode", frame_latents / "00.safetensors", "-o", dec, "--format", "mp4",
                          "-w", weights, "--json")
-    assert code == 1 and [r["status"] for r in _records(out)] == ["error", "skipped"]
+    assert code == 1 and [r["status"] for r in _records(out)] == ["error"]
     assert "--format mp4 is for clips" in err and err.count("error:") == 1
 
 
