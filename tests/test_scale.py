@@ -104,8 +104,7 @@ def same_latents(a: Path, b: Path, exact: bool = False) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """Hidden files left in an output folder (claims, temp files) besides the progress records."""
-    return sorted(p.name for p in folder.rglob(".*")
-                  if ".latentctl-progress" not in p.parts and p.name != ".latentctl-index.lock")
+    return sorted(p.name for p in folder.rglob(".*") if ".latentctl-progress" not in p.parts)
 
 
 # --- ranks ---------------------------------------------------------------------------------------------------
