@@ -24,6 +24,8 @@ from latentctl import AEConfig, AutoencoderKL
 from latentctl.cli.app import main
 from latentctl.pipeline.frames import Selection, select
 
+PROGRESS = ".latentctl-progress"  # the run's progress records (latentctl status), not latent data
+
 W, H, T, FPS = 27, 21, 12, 8        # odd size: padded to the model's factor, and mp4 in yuv444p
 
 
@@ -286,11 +288,11 @@ def test_bad_clips_are_one_error_line_each_and_the_run_goes_on(clips, weights, t
     assert "zero-frame" in status["empty.mp4"][1] and "truncated" in status["cut.gif"][1]
     lines = err.strip().splitlines()
     assert len([line for line in lines if line.startswith("error:")]) == 6 and "Traceback" not in err
-    assert sorted(p.name for p in out_dir.rglob("*")) == ["spin.safetensors"]  # nothing half-written
+    assert sorted(p.name for p in out_dir.rglob("*") if PROGRESS not in p.parts) == ["spin.safetensors"]  # nothing half-written
     code, out, err = cli(capsys, "encode", clips / "pan.mp4", "-o", tmp_path / "big", "-w", weights,
                          "--max-pixels", str(W * H - 1))
     assert code == 1 and f"{W}x{H}" in err and "--max-pixels" in err
-    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file()]
+    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file() and PROGRESS not in p.parts]
 
 
 def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
@@ -313,5 +315,5 @@ def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
     assert spool is not None, "the encode never spooled a frame"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left = [p.name for p in out.rglob("*") if p.is_file()]
+    left = [p.name for p in out.rglob("*") if p.is_file() and PROGRESS not in p.parts]
     assert left == [".long.safetensors.latentctl-claim"]  # only the dead run's claim (it expires); no latent data
