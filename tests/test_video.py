@@ -23,6 +23,8 @@ from skimage import data
 from latentctl.cli.app import main
 from latentctl.pipeline.frames import Selection, select
 
+PROGRESS = ".latentctl-progress"  # the run's progress records (latentctl status), not latent data
+
 W, H, T, FPS = 27, 21, 12, 8        # odd size: padded to the model's factor, and mp4 in yuv444p
 
 
@@ -310,7 +312,7 @@ def test_bad_clips_are_one_error_line_each_and_the_run_goes_on(clips, weights, t
     code, out, err = cli(capsys, "encode", clips / "pan.mp4", "-o", tmp_path / "big", "-w", weights,
                          "--max-pixels", str(W * H - 1))
     assert code == 1 and f"{W}x{H}" in err and "--max-pixels" in err
-    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file() and ".latentctl-progress" not in p.parts]
+    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file() and PROGRESS not in p.parts]
 
 
 @pytest.mark.slow
@@ -334,5 +336,5 @@ def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
     assert spool is not None, "the encode never spooled a frame"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left = [p.name for p in out.rglob("*") if p.is_file() and ".latentctl-progress" not in p.parts]
+    left = [p.name for p in out.rglob("*") if p.is_file() and PROGRESS not in p.parts]
     assert left == [".long.safetensors.latentctl-claim"]  # only the dead run's claim (it expires); no latent data
