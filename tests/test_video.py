@@ -16,23 +16,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import json_lines, make_tiny_vae, run_main, save_weights
 from safetensors import safe_open
-from safetensors.torch import save_file
 from skimage import data
 
-from latentctl import AEConfig, AutoencoderKL
 from latentctl.cli.app import main
 from latentctl.pipeline.frames import Selection, select
+
+PROGRESS = ".latentctl-progress"  # the run's progress records (latentctl status), not latent data
 
 W, H, T, FPS = 27, 21, 12, 8        # odd size: padded to the model's factor, and mp4 in yuv444p
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
-    path = tmp_path_factory.mktemp("model") / "vae.safetensors"
-    save_file(vae.state_dict(), path)
+    """conftest's TINY model (factor 2), with a config.json giving its latent scale and shift."""
+    path = save_weights(make_tiny_vae(), tmp_path_factory.mktemp("model") / "vae.safetensors")
     (path.parent / "config.json").write_text(json.dumps({"scaling_factor": 0.5, "shift_factor": 0.1}))
     return path
 
@@ -59,16 +58,8 @@ def clips(tmp_path_factory):
     return d
 
 
-def cli(capsys, *args):
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
-
-
-def _records(out: str) -> list[dict]:
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+cli = run_main
+_records = json_lines
 
 
 def _load(path: Path) -> tuple[dict, dict]:
@@ -114,8 +105,10 @@ def test_animated_gif_and_webp_timestamps_and_fps(clips, weights, tmp_path, caps
     still = tmp_path / "in" / "still.gif"
     still.parent.mkdir()
     Image.fromarray(_pan_zoom(1)[0]).save(still)
-    code, out, err = cli(capsys, "encode", clips / "hop.gif", clips / "spin.webp", still, "-o", tmp_path / "lat",
-                         "-w", weights, "--json")
+    for name in ("hop.gif", "spin.webp"):  # one folder: outputs mirror paths from the folder holding all inputs
+        (tmp_path / "in" / name).symlink_to(clips / name)
+    code, out, err = cli(capsys, "encode", tmp_path / "in" / "hop.gif", tmp_path / "in" / "spin.webp", still,
+                         "-o", tmp_path / "lat", "-w", weights, "--json")
     assert code == 0, err
     assert {r["input"]: r["shape"] for r in _records(out)}[str(still)] == [4, 11, 14]  # a still GIF is an image
     gif, _ = _load(tmp_path / "lat" / "hop.safetensors")
@@ -127,20 +120,25 @@ def test_animated_gif_and_webp_timestamps_and_fps(clips, weights, tmp_path, caps
 
 
 def test_webp_frames_equal_the_source_frames(clips, weights, tmp_path, capsys):
-    """Lossless WebP: its latent of frame k is the image encode of frame k of the array it was made from."""
+    """Lossless WebP: its latent of frame k is the image encode of frame k of the array it was made from, also
+    through aspect buckets with --flip (the same cover resize and crop for every frame, mirrored latents)."""
     src = tmp_path / "w"
     src.mkdir()
     os.symlink(clips / "spin.webp", src / "anim.webp")
     frames = _pan_zoom(T)
     for k in (0, 7):
         Image.fromarray(frames[k]).save(src / f"f{k}.png")
-    code, _, err = cli(capsys, "encode", src, "-o", tmp_path / "lat", "-w", weights, "--latent-dtype", "fp32")
+    code, _, err = cli(capsys, "encode", src, "-o", tmp_path / "lat", "-w", weights, "--latent-dtype", "fp32",
+                       "--buckets", "24x20,20x24", "--flip")
     assert code == 0, err
     meta, clip = _load(tmp_path / "lat" / "anim.safetensors")
     assert json.loads(meta["timestamps"]) == pytest.approx([k * 0.125 for k in range(T)])
+    assert clip["latent"].shape == clip["latent_flipped"].shape == (T, 4, 10, 12) and meta["bucket"] == "24x20"
     for k in (0, 7):
-        _, image = _load(tmp_path / "lat" / f"f{k}.safetensors")
-        assert (clip["latent"][k] - image["latent"]).abs().max() <= 1e-4
+        image_meta, image = _load(tmp_path / "lat" / f"f{k}.safetensors")
+        assert (meta["crop_box"], meta["resized"]) == (image_meta["crop_box"], image_meta["resized"])
+        for key in ("latent", "latent_flipped"):
+            assert (clip[key][k] - image[key]).abs().max() <= 1e-4
 
 
 def test_selection_by_step_fps_time_and_count_follows_the_formulas():
@@ -205,9 +203,11 @@ def test_decode_writes_mp4_gif_webp_and_frame_folders(mp4_latent, weights, tmp_p
         assert np.array_equal(np.asarray(Image.open(dec / "pan" / f"{k:06d}.png")),
                               np.asarray(Image.open(tmp_path / "img" / f"{k:02d}.png")))
     # a rerun skips the finished video; --format mp4 for an image latent is that item's error
-    code, out, err = cli(capsys, "decode", path, frame_latents / "00.safetensors", "-o", dec, "--format", "mp4",
+    code, out, err = cli(capsys, "decode", path, "-o", dec, "--format", "mp4", "--json")
+    assert code == 0 and [r["status"] for r in _records(out)] == ["skipped"]
+    code, out, err = cli(capsys, "decode", frame_latents / "00.safetensors", "-o", dec, "--format", "mp4",
                          "-w", weights, "--json")
-    assert code == 1 and [r["status"] for r in _records(out)] == ["error", "skipped"]
+    assert code == 1 and [r["status"] for r in _records(out)] == ["error"]
     assert "--format mp4 is for clips" in err and err.count("error:") == 1
 
 
@@ -264,11 +264,28 @@ def _no_frames(path: Path) -> Path:
     return path
 
 
+def _faststart(path: Path) -> Path:
+    """An mp4 with its index (moov) before the data, so that a cut file still opens."""
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
+        rng = np.random.default_rng(1)
+        for _ in range(24):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode(None):
+            c.mux(packet)
+    return path
+
+
 def test_bad_clips_are_one_error_line_each_and_the_run_goes_on(clips, weights, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     whole = (clips / "pan.mp4").read_bytes()
     (bad / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    faststart = _faststart(bad / "cut_mid.mp4")  # its header is whole: frames stop decoding part-way
+    faststart.write_bytes(faststart.read_bytes()[: faststart.stat().st_size * 2 // 3])
     (bad / "noise.webm").write_bytes(np.random.default_rng(0).bytes(3000))
     gif = (clips / "hop.gif").read_bytes()
     (bad / "cut.gif").write_bytes(gif[: len(gif) * 2 // 3])
@@ -280,19 +297,25 @@ def test_bad_clips_are_one_error_line_each_and_the_run_goes_on(clips, weights, t
     assert code == 1
     status = {Path(r["input"]).name: (r["status"], r["error"]) for r in _records(out)}
     assert status.pop("spin.webp")[0] == "ok"
-    assert set(status) == {"truncated.mp4", "noise.webm", "cut.gif", "audio.mp4", "empty.mp4", "zero.mkv"}
+    assert set(status) == {"truncated.mp4", "noise.webm", "cut.gif", "audio.mp4", "empty.mp4", "zero.mkv",
+                           "cut_mid.mp4"}
     assert all(s == "error" for s, _ in status.values())
     assert "only audio" in status["audio.mp4"][1] and "empty file" in status["zero.mkv"][1]
     assert "zero-frame" in status["empty.mp4"][1] and "truncated" in status["cut.gif"][1]
+    assert "truncated" in status["cut_mid.mp4"][1] and "frame" in status["cut_mid.mp4"][1]
     lines = err.strip().splitlines()
-    assert len([line for line in lines if line.startswith("error:")]) == 6 and "Traceback" not in err
-    assert sorted(p.name for p in out_dir.rglob("*")) == ["spin.safetensors"]  # nothing half-written
+    assert len([line for line in lines if line.startswith("error:")]) == 7 and "Traceback" not in err
+    files = [p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file()]
+    # nothing half-written: the good clip's file, and nothing else but hidden bookkeeping (progress files)
+    assert [f.name for f in files if not any(part.startswith(".") for part in f.parts)] == ["spin.safetensors"]
+    assert not [f for f in files if f.name.endswith((".latentctl-tmp", ".safetensors")) and f.name != "spin.safetensors"]
     code, out, err = cli(capsys, "encode", clips / "pan.mp4", "-o", tmp_path / "big", "-w", weights,
                          "--max-pixels", str(W * H - 1))
     assert code == 1 and f"{W}x{H}" in err and "--max-pixels" in err
-    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file()]
+    assert not [p for p in (tmp_path / "big").rglob("*") if p.is_file() and PROGRESS not in p.parts]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
     clip = tmp_path / "long.mp4"
     iio.imwrite(clip, np.repeat(_pan_zoom(12, 32, 24), 20, axis=0), plugin="pyav", codec="libx264", fps=24)
@@ -313,5 +336,5 @@ def test_sigkill_mid_clip_leaves_no_partial_file(weights, tmp_path):
     assert spool is not None, "the encode never spooled a frame"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left = [p.name for p in out.rglob("*") if p.is_file()]
+    left = [p.name for p in out.rglob("*") if p.is_file() and PROGRESS not in p.parts]
     assert left == [".long.safetensors.latentctl-claim"]  # only the dead run's claim (it expires); no latent data
