@@ -363,7 +363,9 @@ def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeyp
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "u").exists()
     # decode refuses latents that do not fit the model: channels, and weights other than the recorded ones
-    code, _, err = cli(capsys, "decode", lat, "-o", tmp_path / "d8", "-w", models["c8"])
+    toml = tmp_path / "c8.toml"   # --model decodes every file with that model, whatever they record
+    toml.write_text(f'[c8]\npath = "{models["c8"]}"\nz_channels = 8\nch_mult = [1, 2]\n')
+    code, _, err = cli(capsys, "decode", lat, "-o", tmp_path / "d8", "-m", "c8", "--models", toml)
     assert code == 1 and "4 channels" in err and "takes 8" in err
     other = _weights(tmp_path / "other", seed=1)
     vae, info = load(None, weights=other)

@@ -19,8 +19,7 @@ import typer
 
 from .. import api, buckets as bucketing
 from ..errors import UsageError
-from ..pipeline import images, run
-from ..pipeline.latents import read_metadata
+from ..pipeline import by_model, images, run
 from ..dist.claims import Claims
 from . import options as opt
 from . import output, scale
@@ -226,9 +225,10 @@ def encode(inputs: list[str] = Inputs,
 
 def decode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the images (mirrors the inputs)."),
-           model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the one recorded in "
-                                               "the files; another one decodes them anyway)."),
-           weights: Optional[Path] = opt.Weights, models: Optional[Path] = opt.ModelsFile,
+           model: Optional[str] = typer.Option(None, "--model", "-m", help="Decode every file with this model "
+                                               "(default: each file's own, found from what it records)."),
+           weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Weights for files whose recorded "
+                                                  "weights are not on this machine (with --model: that model's)."), models: Optional[Path] = opt.ModelsFile,
            device: str = opt.Device, dtype: str = opt.Dtype, attn: str = opt.Attn, download: bool = opt.Download,
            key: str = typer.Option("latent", "--key", help="Tensor to decode (for files from other tools)."),
            scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Scale the latents were "
@@ -240,31 +240,28 @@ def decode(inputs: list[str] = Inputs,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
-    """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata)."""
+    """Decode latent files to images, cropped back to the original size (model, scale, shift from each file's
+    metadata; files by several models decode in one run, each model loaded once)."""
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
-                       check_model=model is None and weights is None, **_format(image_format, quality))
+                       check_model=model is None, **_format(image_format, quality))
     items = scale.part(run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs)), rank,
                        shard_by)
-    if model is None and weights is None:
-        model, weights = _model_from_files(items, models)
-    vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+    if model is not None:   # one named model for every file, whatever they record
+        vae, info = _load_model(model, weights, models, device, attn, download)
+        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+        return
 
+    def load(name, path):
+        return _load_model(name, path, models, device, attn, download)
 
-def _model_from_files(items, models) -> tuple:
-    """The model the first readable latent file was written with (or 'default' for other tools' files)."""
-    for item in items:
-        if item.error is None:
-            try:
-                meta, _ = read_metadata(item.path)
-            except Exception:  # an unreadable file is that item's error later; try the next one
-                continue
-            return run.model_for_latents(meta, models)
-    return "default", None
+    def per_file(vae, info, items, options, **kw):
+        return by_model.decode_by_model(items, options, load, fallback=weights, models_file=models, **kw)
+
+    _execute("decode", per_file, None, None, items, options, json, quiet, rank, claims=Claims())
 
 
 def roundtrip(inputs: list[str] = Inputs,
