@@ -1,6 +1,15 @@
+"""What many test files share: the tiny model, its weights on disk, running the CLI, reading its JSON lines.
+
+Plain helpers (importable: `from conftest import TINY, make_tiny_vae, save_weights, run_main, json_lines`) and
+fixtures (`cli`: a fresh `python -m latentctl` process; `tiny_vae`; `tiny_weights`: that model's .safetensors).
+"""
+
+import io
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +19,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# The smallest model with every kind of layer: two levels (factor 2), 32/64 wide, mid attention, quant convs.
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+
+
+def tiny_config(**overrides):
+    """AEConfig of TINY with `overrides` (e.g. ch_mult=(1, 1, 1, 1) for factor 8, z_channels=8, embed_dim=8)."""
+    from latentctl.modules import AEConfig
+
+    return AEConfig(**{**TINY, **overrides})
+
+
+def make_tiny_vae(seed: int = 0, jitter: float = 0.0, **overrides):
+    """A TINY AutoencoderKL in eval mode without gradients, initialised from `seed`. `jitter` adds that much
+    Gaussian noise to every parameter (moves norms and biases off their init values, so that they matter)."""
+    from latentctl.modules import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(tiny_config(**overrides)).eval().requires_grad_(False)
+    if jitter:
+        with torch.no_grad():
+            for p in vae.parameters():
+                p.add_(jitter * torch.randn_like(p))
+    return vae
+
+
+def save_weights(vae, path: Path) -> Path:
+    """vae's state dict as an LDM-layout .safetensors at `path` (folders made)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return path
+
 
 def run_cli(*args, input=None, env=None, timeout=300, cwd=None):
     """Run `python -m latentctl ARGS` in a fresh process; returns CompletedProcess (text)."""
@@ -18,6 +61,35 @@ def run_cli(*args, input=None, env=None, timeout=300, cwd=None):
                           text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
+def run_main(capsys, *args, stdin: str | None = None, monkeypatch=None):
+    """Run the CLI in this process (latentctl.cli.app.main): (exit code, stdout, stderr)."""
+    from latentctl.cli.app import main
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def json_lines(text: str) -> list[dict]:
+    """One dict per non-empty line of `--json` output (fails on any line that is not JSON)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 @pytest.fixture
 def cli():
+    """run_cli: the CLI in a fresh process."""
     return run_cli
+
+
+@pytest.fixture
+def tiny_vae():
+    return make_tiny_vae()
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """TINY's weights (seed 0) as tmp_path/tiny.safetensors."""
+    return save_weights(make_tiny_vae(), tmp_path / "tiny.safetensors")

@@ -6,13 +6,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import TINY
 
 from latentctl import load, load_autoencoder
 from latentctl.errors import BackendUnavailable
 from latentctl.modules import AEConfig, AttnBlock, AutoencoderKL, LinAttnBlock
 from latentctl.modules.attention import check_backend, linear_attention, sdpa_attention
 
-TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
 
 
 def original_attn_block(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,7 @@ def test_unpadded_downsample_equals_pad_then_conv(h, w):
             assert got.shape == want.shape and (got - want).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_each_half_as_one_graph(pair):
     """torch.compile sees encoder and decoder whole (no graph break: a break makes it recompile per block and
     fall back to eager), and the traced graph computes what eager does."""

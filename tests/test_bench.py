@@ -1,10 +1,10 @@
 """`latentctl bench` and its library: row schema, unavailable backends, FLOP counts, the diffusers twin, memory."""
 
-import json
 import time
 
 import pytest
 import torch
+from conftest import TINY, json_lines, make_tiny_vae
 from typer.testing import CliRunner
 
 from latentctl import bench
@@ -14,7 +14,6 @@ from latentctl.flops import model_flops
 from latentctl.modules import AEConfig, AutoencoderKL
 from latentctl.registry import get_entry
 
-TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
 TINY_TOML = """
 [tiny]
 description = "two levels, 32/64 wide: the smallest model with every kind of layer"
@@ -39,8 +38,7 @@ def tiny_models(tmp_path):
 
 
 def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(AEConfig(**TINY)).eval().requires_grad_(False)
+    return make_tiny_vae()
 
 
 def test_json_rows_schema_and_unavailable_backend(tiny_models):
@@ -50,7 +48,7 @@ def test_json_rows_schema_and_unavailable_backend(tiny_models):
             "--batch", "2", "--attn", "sdpa,xformers,linear", "--what", "encode,decode", "--repeat", "1", "--json"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    rows = json_lines(res.stdout)
     assert all(tuple(r) == bench.ROW_KEYS for r in rows)
     if not torch.cuda.is_available():
         (skipped,) = [r for r in rows if r["status"] != "ok"]

@@ -4,13 +4,14 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_tiny_vae, save_weights, tiny_config
 from diffusers import AutoencoderKL as DiffusersVAE
 from safetensors.torch import save_file
 
 import latentctl
 from latentctl.checkpoints import diffusers_to_ldm, infer_config, load_state_dict
 from latentctl.errors import WeightsError
-from latentctl.modules import AEConfig, AutoencoderKL
+from latentctl.modules import AutoencoderKL
 from latentctl.registry import load_registry
 
 FAMILIES = ["sd15", "sdxl", "sdxl-fp16-fix", "sd3", "flux", "cogview4"]
@@ -46,7 +47,7 @@ def test_inference_recovers_each_family(family):
 
 
 def test_inference_of_the_linear_attention_layout():
-    cfg = AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, mid_attn="linear")
+    cfg = tiny_config(mid_attn="linear")
     sd = AutoencoderKL(cfg).state_dict()
     assert "encoder.mid.attn_1.to_qkv.weight" in sd
     assert infer_config(sd).mid_attn == "linear"
@@ -54,11 +55,7 @@ def test_inference_of_the_linear_attention_layout():
 
 @pytest.fixture
 def tiny_ldm(tmp_path):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(AEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1))
-    path = tmp_path / "tiny.safetensors"
-    save_file(vae.state_dict(), path)
-    return path
+    return save_weights(make_tiny_vae(ch_mult=(1, 1, 1, 1)), tmp_path / "tiny.safetensors")
 
 
 def test_truncated_file_is_a_clear_error(tiny_ldm, tmp_path, cli):

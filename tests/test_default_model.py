@@ -4,6 +4,7 @@ photo, and keeps its quality in bf16."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -28,6 +29,7 @@ def test_default_model_is_shipped_with_its_hash():
     assert info.name == "default" and info.weights_sha256 == entry.sha256
 
 
+@pytest.mark.slow
 def test_roundtrip_of_a_held_out_photo_beats_bicubic(tmp_path, cli):
     """scikit-learn's china.jpg is never used in training; the latent keeps 4 numbers per 8x8 block, bicubic 3."""
     from sklearn.datasets import load_sample_image  # test extra: the held-out photo
@@ -41,6 +43,7 @@ def test_roundtrip_of_a_held_out_photo_beats_bicubic(tmp_path, cli):
     assert row["psnr"] > reference, (row, reference)
 
 
+@pytest.mark.slow
 def test_bf16_roundtrip_is_within_a_tenth_of_a_db_of_fp32():
     """The fast mode's accuracy (the performance issue: roundtrip PSNR within 0.1 dB of fp32 on real photos),
     through the pipeline's own model calls (autocast bf16, as `--dtype bf16` and `auto` on a GPU run them)."""

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import json_lines, make_tiny_vae, run_main, save_weights
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from skimage import data
 
-from latentctl import AEConfig, AutoencoderKL, load
-from latentctl.cli.app import main
+from latentctl import load
 from latentctl.pipeline import Options, decode_files, encode_files, plan_decode, plan_encode, run
 from latentctl.pipeline.latents import FORMAT
 
@@ -31,11 +31,7 @@ SCALE, SHIFT = 0.5, 0.1
 
 
 def _weights(folder: Path, seed: int = 0, **config) -> Path:
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(AEConfig(**{"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, **config}))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(vae.state_dict(), folder / "vae.safetensors")
-    return folder / "vae.safetensors"
+    return save_weights(make_tiny_vae(seed, **config), folder / "vae.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +84,6 @@ EXPECTED = {"odd": ((61, 47), "RGB"), "gray": ((40, 30), "L"), "rgba": ((36, 28)
             "sub/palette": ((32, 32), "P"), "sub/la": ((26, 20), "LA")}
 
 
-def cli(capsys, *args, stdin: str | None = None, monkeypatch=None):
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
-
-
-def _json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _meta(path: Path) -> tuple[dict, dict]:
     with safe_open(str(path), "pt") as f:
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -115,9 +97,9 @@ def _pixels(path: Path) -> np.ndarray:
 
 def test_encode_decode_equals_roundtrip_for_every_kind_of_image(photos, models, tmp_path, capsys, monkeypatch):
     lat, dec, rt = tmp_path / "lat", tmp_path / "dec", tmp_path / "rt"
-    code, out, err = cli(capsys, "encode", photos, "-o", lat, "-w", models["tiny"], "--json")
+    code, out, err = run_main(capsys, "encode", photos, "-o", lat, "-w", models["tiny"], "--json")
     assert code == 0, err
-    records = _json_lines(out)
+    records = json_lines(out)
     assert sorted(r["input"] for r in records) == sorted(str(photos / f) for f in (
         "odd.png", "gray.png", "rgba.png", "deep.png", "cmyk.jpg", "rotated.jpg", "sub/palette.gif", "sub/la.png"))
     assert {r["status"] for r in records} == {"ok"} and all(r["seconds"] > 0 for r in records)
@@ -136,12 +118,12 @@ def test_encode_decode_equals_roundtrip_for_every_kind_of_image(photos, models, 
         assert meta["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
         assert meta["model"] == "vae" and meta["latentctl_version"]
     # decode finds the model from the metadata (no --weights) and crops back to the original size
-    code, out, err = cli(capsys, "decode", lat, "-o", dec, "--json")
+    code, out, err = run_main(capsys, "decode", lat, "-o", dec, "--json")
     assert code == 0, err
-    assert {r["status"] for r in _json_lines(out)} == {"ok"}
-    code, out, err = cli(capsys, "roundtrip", photos, "-o", rt, "-w", models["tiny"], "--json")
+    assert {r["status"] for r in json_lines(out)} == {"ok"}
+    code, out, err = run_main(capsys, "roundtrip", photos, "-o", rt, "-w", models["tiny"], "--json")
     assert code == 0, err
-    rows = _json_lines(out)
+    rows = json_lines(out)
     assert all(0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 and r["seconds"] > 0 for r in rows)
     for name, ((w, h), _) in EXPECTED.items():
         decoded, reconstructed = _pixels(dec / f"{name}.png"), _pixels(rt / f"{name}.png")
@@ -150,7 +132,7 @@ def test_encode_decode_equals_roundtrip_for_every_kind_of_image(photos, models, 
         assert Image.open(rt / f"{name}.compare.png").size == (3 * w, h)  # original | reconstruction | error
     # the table without --json: one row per image and the mean
     monkeypatch.chdir(photos)
-    code, out, _ = cli(capsys, "roundtrip", "gray.png", "sub", "-w", models["tiny"])
+    code, out, _ = run_main(capsys, "roundtrip", "gray.png", "sub", "-w", models["tiny"])
     assert code == 0 and "mean" in out and "gray.png" in out and "sub/la.png" in out
 
 
@@ -159,20 +141,20 @@ def test_factor_8_model_at_333x517(photos, models, tmp_path, capsys):
     lat, dec, rt = tmp_path / "lat", tmp_path / "dec", tmp_path / "rt"
     big = _save(_photo("chelsea", (333, 517)), tmp_path / "in" / "big.png")
     inputs = [big, photos / "gray.png", photos / "rotated.jpg"]
-    assert cli(capsys, "encode", *inputs, "-o", lat, "-w", models["f8"], "-q")[0] == 0
+    assert run_main(capsys, "encode", *inputs, "-o", lat, "-w", models["f8"], "-q")[0] == 0
     assert _meta(lat / "big.safetensors")[1]["latent"].shape == (4, 65, 42)      # padded to 336x520
     assert _meta(lat / "big.safetensors")[0]["valid_box"] == "0,0,333,517"
     assert _meta(lat / "gray.safetensors")[1]["latent"].shape == (4, 4, 5)       # 40x30 -> padded 40x32
     assert _meta(lat / "rotated.safetensors")[1]["latent"].shape == (4, 5, 3)    # 24x40 (rotated)
-    assert cli(capsys, "decode", lat, "-o", dec, "-q")[0] == 0
-    assert cli(capsys, "roundtrip", *inputs, "-o", rt, "-w", models["f8"], "-q")[0] == 0
+    assert run_main(capsys, "decode", lat, "-o", dec, "-q")[0] == 0
+    assert run_main(capsys, "roundtrip", *inputs, "-o", rt, "-w", models["f8"], "-q")[0] == 0
     for name, size in (("big", (333, 517)), ("gray", (40, 30)), ("rotated", (24, 40))):
         assert Image.open(dec / f"{name}.png").size == size
         assert np.array_equal(_pixels(dec / f"{name}.png"), _pixels(rt / f"{name}.png")), name
 
 
 def test_resize_and_center_crop_are_recorded(photos, models, tmp_path, capsys):
-    code, _, err = cli(capsys, "encode", photos / "odd.png", "-o", tmp_path, "-w", models["f8"], "--resize", "40",
+    code, _, err = run_main(capsys, "encode", photos / "odd.png", "-o", tmp_path, "-w", models["f8"], "--resize", "40",
                        "--center-crop", "32x40", "-q")
     assert code == 0, err
     meta, tensors = _meta(tmp_path / "odd.safetensors")
@@ -180,11 +162,40 @@ def test_resize_and_center_crop_are_recorded(photos, models, tmp_path, capsys):
     assert tensors["latent"].shape == (4, 5, 4) and meta["valid_box"] == "0,0,32,40"
 
 
-def test_tiled_encode_decode_is_plugged_in(photos, models, tmp_path, capsys):
+def test_tiled_encode_decode_is_plugged_in(photos, models, tmp_path, capsys, monkeypatch):
+    """--tile / --tile-size reach the tiler (a spy on tiling.plan and on the tiled runner), and the tiled result
+    is the untiled one."""
+    from latentctl import tiling
+
+    plans, executed = [], []
+    real_plan, real_execute = tiling.plan, tiling._execute
+
+    def plan(vae, shape, what, **kw):
+        p = real_plan(vae, shape, what, **kw)
+        plans.append((what, kw.get("mode"), kw.get("tile_size"), p))
+        return p
+
+    def execute(vae, x, what, tile_plan, *args):
+        executed.append((what, tile_plan))
+        return real_execute(vae, x, what, tile_plan, *args)
+
+    monkeypatch.setattr(tiling, "plan", plan)
+    monkeypatch.setattr(tiling, "_execute", execute)
     for name, extra in (("whole", ["--tile", "off"]), ("tiled", ["--tile", "on", "--tile-size", "32"])):
-        code, _, err = cli(capsys, "encode", photos / "odd.png", "-o", tmp_path / name, "-w", models["tiny"], *extra)
+        plans.clear(), executed.clear()
+        code, _, err = run_main(capsys, "encode", photos / "odd.png", "-o", tmp_path / name, "-w", models["tiny"],
+                                *extra)
         assert code == 0, err
-        assert cli(capsys, "decode", tmp_path / name, "-o", tmp_path / f"img-{name}", *extra, "-q")[0] == 0
+        assert run_main(capsys, "decode", tmp_path / name, "-o", tmp_path / f"img-{name}", *extra, "-q")[0] == 0
+        assert [(what, mode) for what, mode, _, _ in plans] == [("encode", extra[1]), ("decode", extra[1])]
+        if name == "whole":
+            assert not executed and not any(p.tile for *_, p in plans)
+        else:
+            assert [what for what, _ in executed] == ["encode", "decode"]
+            for what, _, tile_size, p in plans:
+                assert tile_size == 32 and p.tile
+                # more than one tile: a 61x47 image (64x48 padded) cut into 32-px tiles
+                assert any(seg.kind == "tiles" and seg.steps > 1 for seg in p.segments), p.describe()
     whole, tiled = (_meta(tmp_path / d / "odd.safetensors")[1]["latent"].float() for d in ("whole", "tiled"))
     assert (whole - tiled).abs().max() <= 4e-3  # the same up to float rounding (and fp16 storage)
     diff = np.abs(_pixels(tmp_path / "img-whole/odd.png").astype(int) - _pixels(tmp_path / "img-tiled/odd.png"))
@@ -192,7 +203,7 @@ def test_tiled_encode_decode_is_plugged_in(photos, models, tmp_path, capsys):
 
 
 def test_spill_dir_must_be_a_folder(photos, models, tmp_path, capsys):
-    code, _, err = cli(capsys, "encode", photos / "odd.png", "-o", tmp_path / "out", "-w", models["tiny"],
+    code, _, err = run_main(capsys, "encode", photos / "odd.png", "-o", tmp_path / "out", "-w", models["tiny"],
                        "--spill-dir", tmp_path / "missing")
     assert code == 2 and "--spill-dir" in err and "not a folder" in err
     assert not (tmp_path / "out").exists()
@@ -206,7 +217,7 @@ def test_stores_posterior_and_sample_are_reproducible_and_all_decode(photos, mod
             "other": ["--store", "sample", "--seed", "8"]}
     for name, extra in runs.items():
         store = ["--store", name] if name in ("mean", "posterior", "sample") else []
-        code, _, err = cli(capsys, "encode", *inputs, "-o", tmp_path / name, "-w", models["tiny"], *store, *extra, "-q")
+        code, _, err = run_main(capsys, "encode", *inputs, "-o", tmp_path / name, "-w", models["tiny"], *store, *extra, "-q")
         assert code == 0, err
     for image in ("la",):
         (m_meta, mean), (p_meta, post), (s_meta, sample) = (_meta(tmp_path / s / f"{image}.safetensors")
@@ -226,7 +237,7 @@ def test_stores_posterior_and_sample_are_reproducible_and_all_decode(photos, mod
         std = torch.exp(0.5 * post["logvar"].float()) * SCALE
         assert ((sample["latent"].float() - mean["latent"].float()).abs() <= 6 * std + 1e-2).all()
     for store in ("mean", "posterior", "sample"):
-        code, _, err = cli(capsys, "decode", tmp_path / store, "-o", tmp_path / f"img-{store}", "-q")
+        code, _, err = run_main(capsys, "decode", tmp_path / store, "-o", tmp_path / f"img-{store}", "-q")
         assert code == 0, err
         assert Image.open(tmp_path / f"img-{store}" / "la.png").size == (26, 20)
     assert np.array_equal(_pixels(tmp_path / "img-mean/la.png"), _pixels(tmp_path / "img-posterior/la.png"))
@@ -306,10 +317,10 @@ def test_folder_of_good_and_bad_files(models, tmp_path, capsys):
     bad = _bad_files(folder)
     (folder / "a.txt").write_text("a caption, not an image: ignored")
     out = tmp_path / "lat"
-    code, stdout, stderr = cli(capsys, "encode", folder, "-o", out, "-w", models["tiny"], "--max-pixels", "100000",
+    code, stdout, stderr = run_main(capsys, "encode", folder, "-o", out, "-w", models["tiny"], "--max-pixels", "100000",
                                "--json")
     assert code == 1, stderr
-    records = {Path(r["input"]).relative_to(folder).as_posix(): r for r in _json_lines(stdout)}
+    records = {Path(r["input"]).relative_to(folder).as_posix(): r for r in json_lines(stdout)}
     assert set(records) == set(good) | set(bad)
     for name in good:
         assert records[name]["status"] == "ok"
@@ -321,23 +332,23 @@ def test_folder_of_good_and_bad_files(models, tmp_path, capsys):
         assert line.startswith(f"error: {folder / name}: ")
     assert f"{len(good)} ok, 0 skipped, {len(bad)} failed" in stderr
     # a rerun skips the finished ones and reports the bad ones again; --fail-fast stops at the first
-    code, stdout, _ = cli(capsys, "encode", folder, "-o", out, "-w", models["tiny"], "--max-pixels", "100000", "--json")
-    assert code == 1 and sum(r["status"] == "skipped" for r in _json_lines(stdout)) == len(good)
-    code, stdout, _ = cli(capsys, "encode", folder, "-o", tmp_path / "ff", "-w", models["tiny"], "--fail-fast",
+    code, stdout, _ = run_main(capsys, "encode", folder, "-o", out, "-w", models["tiny"], "--max-pixels", "100000", "--json")
+    assert code == 1 and sum(r["status"] == "skipped" for r in json_lines(stdout)) == len(good)
+    code, stdout, _ = run_main(capsys, "encode", folder, "-o", tmp_path / "ff", "-w", models["tiny"], "--fail-fast",
                           "--json", "--batch-size", "1", "--workers", "1")
-    assert code == 1 and sum(r["status"] == "error" for r in _json_lines(stdout)) == 1
+    assert code == 1 and sum(r["status"] == "error" for r in json_lines(stdout)) == 1
 
 
 def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeypatch):
     lat = tmp_path / "lat"
     one = photos / "gray.png"
-    assert cli(capsys, "encode", one, "-o", lat, "-w", models["tiny"])[0] == 0
-    code, _, err = cli(capsys, "encode", one, "-o", lat, "-w", models["tiny"])
+    assert run_main(capsys, "encode", one, "-o", lat, "-w", models["tiny"])[0] == 0
+    code, _, err = run_main(capsys, "encode", one, "-o", lat, "-w", models["tiny"])
     assert code == 0 and "0 ok, 1 skipped" in err
     # an existing file written with other settings is refused, not mixed in; --overwrite redoes it
-    code, _, err = cli(capsys, "encode", one, "-o", lat, "-w", models["tiny"], "--store", "posterior")
+    code, _, err = run_main(capsys, "encode", one, "-o", lat, "-w", models["tiny"], "--store", "posterior")
     assert code == 1 and "other settings" in err and "store='mean'" in err
-    assert cli(capsys, "encode", one, "-o", lat, "-w", models["tiny"], "--store", "posterior", "--overwrite")[0] == 0
+    assert run_main(capsys, "encode", one, "-o", lat, "-w", models["tiny"], "--store", "posterior", "--overwrite")[0] == 0
     # usage, model and weights errors: 2, one line, no traceback, nothing written
     twins = tmp_path / "twins"
     _save(_photo("camera", (16, 16)), twins / "x.png")
@@ -355,7 +366,7 @@ def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeyp
         (["decode", lat, "-o", one], "not a folder"),
         (["encode", one], "Missing option"),
     ]:
-        code, out, err = cli(capsys, *args)
+        code, out, err = run_main(capsys, *args)
         if message is None:  # a missing input is that input's error (1), not a usage error
             assert code == 1 and "no such file" in err
             continue
@@ -365,7 +376,7 @@ def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeyp
     # decode refuses latents that do not fit the model: channels, and weights other than the recorded ones
     toml = tmp_path / "c8.toml"   # --model decodes every file with that model, whatever they record
     toml.write_text(f'[c8]\npath = "{models["c8"]}"\nz_channels = 8\nch_mult = [1, 2]\n')
-    code, _, err = cli(capsys, "decode", lat, "-o", tmp_path / "d8", "-m", "c8", "--models", toml)
+    code, _, err = run_main(capsys, "decode", lat, "-o", tmp_path / "d8", "-m", "c8", "--models", toml)
     assert code == 1 and "4 channels" in err and "takes 8" in err
     other = _weights(tmp_path / "other", seed=1)
     vae, info = load(None, weights=other)
@@ -373,21 +384,21 @@ def test_exit_codes_0_1_2_and_refusals(photos, models, tmp_path, capsys, monkeyp
     summary = decode_files(vae, info, plan_decode([str(lat)], tmp_path / "d2"), Options(), report=records.append)
     assert summary.failed == 1 and "not by" in records[0].error
     # '-' reads paths from stdin
-    code, out, err = cli(capsys, "encode", "-", "-o", tmp_path / "stdin", "-w", models["tiny"], "--json",
+    code, out, err = run_main(capsys, "encode", "-", "-o", tmp_path / "stdin", "-w", models["tiny"], "--json",
                          stdin=f"{one}\n{photos / 'sub' / 'la.png'}\n", monkeypatch=monkeypatch)
-    assert code == 0 and [r["status"] for r in _json_lines(out)] == ["ok", "ok"]
+    assert code == 0 and [r["status"] for r in json_lines(out)] == ["ok", "ok"]
 
 
 def test_decode_latents_from_other_tools(models, tmp_path, capsys):
     vae, _ = load(None, weights=models["tiny"])
     z = torch.randn(1, 4, 10, 12)
     save_file({"latents": (z * 0.3).contiguous()}, tmp_path / "foreign.safetensors")  # batch of one, no metadata
-    code, _, err = cli(capsys, "decode", tmp_path / "foreign.safetensors", "-o", tmp_path / "a", "-w", models["tiny"])
+    code, _, err = run_main(capsys, "decode", tmp_path / "foreign.safetensors", "-o", tmp_path / "a", "-w", models["tiny"])
     assert code == 1 and "no tensor 'latent'" in err
-    code, _, err = cli(capsys, "decode", tmp_path / "foreign.safetensors", "-o", tmp_path / "a", "-w", models["tiny"],
+    code, _, err = run_main(capsys, "decode", tmp_path / "foreign.safetensors", "-o", tmp_path / "a", "-w", models["tiny"],
                        "--key", "latents")
     assert code == 1 and "--scaling-factor" in err
-    code, _, err = cli(capsys, "decode", tmp_path / "foreign.safetensors", "-o", tmp_path / "a", "-w", models["tiny"],
+    code, _, err = run_main(capsys, "decode", tmp_path / "foreign.safetensors", "-o", tmp_path / "a", "-w", models["tiny"],
                        "--key", "latents", "--scaling-factor", "0.3")
     assert code == 0, err
     with torch.no_grad():
@@ -401,6 +412,7 @@ def _command(*args) -> list[str]:
     return [sys.executable, "-m", "latentctl", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_json_on_stdout_while_stderr_is_a_terminal(photos, models, tmp_path):
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
@@ -442,6 +454,7 @@ def _wait_for(folder: Path, count: int, proc, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_sigint_then_sigkill_then_rerun_does_exactly_the_rest(models, tmp_path, capsys):
     src, out = tmp_path / "imgs", tmp_path / "out"
     base = np.asarray(_photo("astronaut", (64, 64)))
@@ -472,9 +485,9 @@ def test_sigint_then_sigkill_then_rerun_does_exactly_the_rest(models, tmp_path, 
         assert _meta(path)[1]["latent"].shape == (4, 24, 24)
 
     # the same command again (in this process) skips exactly those and does the rest; nothing corrupt or left behind
-    code, stdout, err = cli(capsys, *flags, "--json")
+    code, stdout, err = run_main(capsys, *flags, "--json")
     assert code == 0, err
-    records = _json_lines(stdout)
+    records = json_lines(stdout)
     assert {Path(r["output"]) for r in records if r["status"] == "skipped"} == set(present)
     assert sum(r["status"] == "ok" for r in records) == total - len(present)
     final = list(out.rglob("*.safetensors"))

@@ -2,12 +2,14 @@
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -70,28 +72,113 @@ def test_alpha_is_composited_on_the_chosen_background():
     assert la[0, 1].max() == 0
 
 
-def test_palette_cmyk_and_other_modes():
-    p = PHOTO.convert("P")
-    assert np.array_equal(_read(p, "GIF").rgb, np.asarray(p.convert("RGB"), np.float32) / 255)
+def test_palette_is_looked_up_in_its_own_colours():
+    """P mode against numpy indexing of the palette written into the file (not pillow's convert)."""
+    palette = np.array([[0, 0, 0], [255, 0, 0], [12, 200, 37], [250, 250, 5], [17, 34, 51]], np.uint8)
+    index = np.random.default_rng(3).integers(0, len(palette), (6, 9)).astype(np.uint8)
+    p = Image.fromarray(index, "P")
+    p.putpalette(palette.flatten().tolist())
+    for fmt in ("PNG", "GIF"):
+        loaded = _read(p, fmt)
+        assert loaded.mode == "P" and not loaded.has_alpha
+        assert np.array_equal(np.round(loaded.rgb * 255).astype(np.uint8), palette[index]), fmt
     p.info["transparency"] = 0
     assert images.to_rgb(p)[1] is True  # palette transparency counts as alpha
-    cmyk = Image.new("CMYK", (4, 4), (0, 0, 0, 0))  # no ink = white
-    assert np.allclose(_read(cmyk, "JPEG", quality=100).rgb, 1.0, atol=2 / 255)
     for mode in ("1", "YCbCr", "LAB", "HSV"):
         assert images.to_rgb(PHOTO.convert(mode))[0].shape == (40, 48, 3)
     with pytest.raises(UsageError):
         images.parse_color("purple-ish")
 
 
-def test_exif_orientation_is_applied():
-    im = PHOTO.copy()
+# CMYK ink -> the RGB it prints as: each ink takes away its complementary primary; K takes away everything.
+INKS = {"none": ((0, 0, 0, 0), (255, 255, 255)), "cyan": ((255, 0, 0, 0), (0, 255, 255)),
+        "magenta": ((0, 255, 0, 0), (255, 0, 255)), "yellow": ((0, 0, 255, 0), (255, 255, 0)),
+        "black": ((0, 0, 0, 255), (0, 0, 0)), "cyan+yellow": ((255, 0, 255, 0), (0, 255, 0)),
+        "half cyan": ((128, 0, 0, 0), (127, 255, 255)), "half black": ((0, 0, 0, 128), (127, 127, 127))}
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG"])
+def test_cmyk_patches_print_as_their_inks(fmt):
+    """Pure C, M, Y, K patches (and a mix, half tints) in a CMYK file -> the RGB the inks print as. JPEG (where
+    Adobe files store inverted CMYK) within JPEG's error, at the centre of 16-pixel flat patches."""
+    cmyk = np.zeros((16, 16 * len(INKS), 4), np.uint8)
+    for i, (ink, _) in enumerate(INKS.values()):
+        cmyk[:, 16 * i:16 * (i + 1)] = ink
+    kw = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    loaded = _read(Image.fromarray(cmyk, "CMYK"), fmt, **kw)
+    assert loaded.mode == "CMYK"
+    got = np.round(loaded.rgb * 255)
+    tolerance = 3 if fmt == "JPEG" else 0
+    for i, (name, (_, rgb)) in enumerate(INKS.items()):
+        centre = got[4:12, 16 * i + 4:16 * i + 12]
+        assert np.abs(centre - np.array(rgb)).max() <= tolerance, (name, centre[0, 0], rgb)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(a: np.ndarray, color_type: int, size=None) -> bytes:
+    """PNG bytes by hand (big-endian samples, filter 0 on every row); `size` makes the header claim another size."""
+    h, w = a.shape[:2]
+    w, h = size or (w, h)
+    raw = b"".join(b"\0" + row.tobytes() for row in a)
+    header = struct.pack(">IIBBBBB", w, h, a.dtype.itemsize * 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def test_16bit_rgb_is_scaled_from_65535():
+    """A 16-bit RGB PNG (written here byte by byte) -> each channel value/65535, channels in order. pillow reads
+    16-bit RGB at 8 bits, so the promise held is 8-bit precision (1/255), not 16-bit (16-bit gray keeps it)."""
+    a = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1087 + 17).astype(">u2")     # 17 .. 64 870, every channel apart
+    loaded = images.read_image(_png(a, color_type=2), max_pixels=100)
+    assert loaded.rgb.shape == (4, 5, 3) and not loaded.has_alpha
+    assert np.abs(loaded.rgb - a / 65535).max() <= 1 / 255 + 1e-6
+
+
+def test_decompression_bomb_is_refused_from_the_header(monkeypatch):
+    """A 100-byte PNG whose header claims 60000x60000 (3.6 G pixels): refused before any decoding (decoding is
+    patched to fail, and is reached with a higher limit)."""
+    class Decoded(Exception):
+        pass
+
+    def no_decoding(self, *args, **kwargs):
+        raise Decoded
+
+    bomb = _png(np.zeros((1, 3, 3), np.uint8), color_type=2, size=(60000, 60000))
+    assert len(bomb) < 100
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    with pytest.raises(InputError, match="60000x60000 = 3,600,000,000 pixels is over the limit of 100,000"):
+        images.read_image(bomb, max_pixels=100_000)
+    with pytest.raises(Decoded):  # the patch is in the way of decoding: a check after decoding would not pass
+        images.read_image(bomb, max_pixels=10**10)
+
+
+# EXIF orientation -> what turns the stored pixels into the displayed picture, in numpy (the EXIF 2.3 table).
+ORIENTATIONS = {
+    1: lambda a: a,
+    2: np.fliplr,                                        # mirrored left-right
+    3: lambda a: np.rot90(a, 2),                         # upside down
+    4: np.flipud,                                        # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),                   # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),                        # stored turned left: turn 90 degrees clockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),      # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),                         # stored turned right: turn 90 degrees counter-clockwise
+}
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTATIONS))
+def test_exif_orientation_is_applied(orientation):
+    """Each EXIF orientation on a lossless PNG against numpy's rotations and flips of the stored pixels."""
+    im = PHOTO.copy()   # 48 wide, 40 high: a transpose shows in the shape
     exif = im.getexif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    loaded = _read(im, "JPEG", exif=exif, quality=95)
-    assert loaded.exif_transposed and loaded.rgb.shape == (48, 40, 3)  # displayed: 40 wide, 48 high
-    reference = ImageOps.exif_transpose(Image.open(io.BytesIO(_bytes(im, "JPEG", exif=exif, quality=95))))
-    assert np.array_equal(np.round(loaded.rgb * 255).astype(np.uint8), np.asarray(reference))
-    assert not _read(PHOTO, "JPEG").exif_transposed
+    exif[0x0112] = orientation
+    loaded = _read(im, "PNG", exif=exif)
+    want = ORIENTATIONS[orientation](np.asarray(PHOTO))
+    assert loaded.exif_transposed == (orientation != 1)
+    assert np.array_equal(np.round(loaded.rgb * 255).astype(np.uint8), want)
+    assert not _read(PHOTO, "PNG").exif_transposed
 
 
 def test_bad_bytes_are_input_errors():

@@ -5,22 +5,18 @@ Tiny models and images keep this file to a few seconds; benchmarks/tiling.py mea
 
 import pytest
 import torch
+from conftest import make_tiny_vae
 
 from latentctl import tiling
 from latentctl.errors import UsageError
-from latentctl.modules import AEConfig, AutoencoderKL
+from latentctl.modules import AutoencoderKL
 from latentctl.modules.attention import AttnBlock
 from latentctl.modules.autoencoder import Decoder
 
 
 def tiny(seed: int = 0, **kw) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    cfg = dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
-    vae = AutoencoderKL(AEConfig(**{**cfg, **kw})).eval().requires_grad_(False)
-    with torch.no_grad():  # off their init values, so that norms and biases matter
-        for p in vae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return vae
+    """Factor 8, parameters moved off their init values (so that norms and biases matter)."""
+    return make_tiny_vae(seed, jitter=0.05, **{"ch_mult": (1, 2, 2, 2), **kw})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +79,7 @@ def test_decode_matches_untiled_any_size_and_tile(vae, h, w, tile):
     assert (got - ref).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_tight_budget_recomputes_statistics_and_stays_exact(vae):
     """A budget too small to hold full-resolution activations: GroupNorm statistics inside streamed segments
     come from passes over all tiles, and the result still matches untiled."""

@@ -56,7 +56,16 @@ TooSmall = typer.Option("upscale", "--too-small", help="With --buckets, an image
                                                      "enlarged): upscale (default) | skip (reported as skipped).")
 Flip = typer.Option(False, "--flip", help="With --buckets: also store `latent_flipped`, the latent of the mirrored "
                                           "crop, computed in the same batch.")
-ImageFormat = typer.Option("png", "--format", help="Image files written: png | jpg | webp.")
+ImageFormat = typer.Option(None, "--format", help="Files written: for images png (default) | jpg | webp; for clips "
+                                                  "mp4 (default) | gif | webp, or png | jpg: a folder of frames.")
+
+# clips (videos, animated GIF/WebP/PNG)
+FrameStep = typer.Option(1, "--frame-step", help="Clips: encode every Nth frame.")
+Fps = typer.Option(None, "--fps", help="Clips: resample to this rate by timestamp (the first frame in each 1/F "
+                                       "seconds; never above the clip's own rate).")
+MaxFrames = typer.Option(None, "--max-frames", help="Clips: stop after this many selected frames.")
+Start = typer.Option(0.0, "--start", help="Clips: first second to encode.")
+End = typer.Option(None, "--end", help="Clips: encode frames before this second.")
 Quality = typer.Option(95, "--quality", help="JPEG/WebP quality (1-100).")
 
 # scale-out (latentctl/dist)
@@ -65,8 +74,8 @@ Shard = typer.Option(None, "--shard", help="Do part K of N (K from 0), e.g. 0/4:
                                            "(SLURM_PROCID, SLURM_NTASKS), else everything.")
 ShardBy = typer.Option("bytes", "--shard-by", help="Balance the N parts by input bytes (default) or by count.")
 
-__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "FailFast", "Flip",
-           "ImageFormat", "Json", "LatentDtype", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Optional",
-           "Overwrite", "Path", "Quality", "Quiet", "Resize", "ScalingFactor", "Seed", "Shard", "ShardBy", "ShiftFactor",
-           "SpillDir",
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End",
+           "FailFast", "Flip", "Fps", "FrameStep", "ImageFormat", "Json", "LatentDtype", "MaxFrames", "MaxMemory",
+           "MaxPixels", "Model", "ModelsFile", "Optional", "Overwrite", "Path", "Quality", "Quiet", "Resize",
+           "ScalingFactor", "Seed", "Shard", "ShardBy", "ShiftFactor", "SpillDir", "Start",
            "Store", "Tile", "TileSize", "TooSmall", "Weights", "Workers"]

@@ -6,6 +6,7 @@ Exit: 0 all ok; 1 some inputs failed; 2 usage/model/weights error; 130 Ctrl-C (1
 in flight finished.
 """
 
+import functools
 import math
 import os
 import re
@@ -19,7 +20,9 @@ import typer
 
 from .. import api, buckets as bucketing
 from ..errors import UsageError
-from ..pipeline import by_model, images, run
+from ..pipeline import by_model, images, media, run
+from ..pipeline.clip_writers import CLIP_FORMATS
+from ..pipeline.frames import Selection
 from ..dist.claims import Claims
 from . import options as opt
 from . import output, scale
@@ -82,12 +85,24 @@ def _bucket_options(*, buckets, crop, too_small, flip) -> dict:
     return dict(buckets=bucketing.parse(buckets) if buckets else None, crop=crop, too_small=too_small, flip=flip)
 
 
-def _format(image_format: str, quality: int) -> dict:
-    if image_format not in images.FORMATS:
-        raise UsageError(f"--format {image_format!r}: choose {', '.join(images.FORMATS)}")
+def _format(image_format: str | None, quality: int) -> dict:
+    """Options for images; --format mp4/gif is kept as asked (image inputs then fail one by one)."""
+    choices = dict.fromkeys([*images.FORMATS, *CLIP_FORMATS])
+    if image_format is not None and image_format not in choices:
+        raise UsageError(f"--format {image_format!r}: choose {', '.join(choices)}")
     if not 1 <= quality <= 100:
         raise UsageError(f"--quality {quality}: must be 1-100")
-    return dict(image_format=image_format, quality=quality)
+    return dict(image_format=image_format or "png", quality=quality)
+
+
+def _clip_format(image_format: str | None) -> str:
+    return image_format or "mp4"
+
+
+def _selection(frame_step, fps, max_frames, start, end) -> Selection:
+    selection = Selection(frame_step=frame_step, fps=fps, max_frames=max_frames, start=start, end=end)
+    selection.check()
+    return selection
 
 
 def _out_dir(out: Path | None) -> Path | None:
@@ -186,6 +201,11 @@ def _roundtrip_table(records: list[run.Record]) -> None:
         rows.append(["mean", f"{sum(finite) / len(finite):.2f}" if finite else "inf",
                      f"{sum(ssims) / len(ssims):.4f}" if ssims else "-", f"{sum(r.seconds for r in ok) / len(ok):.2f}"])
     output.table("roundtrip", ["input", "psnr (dB)", "ssim", "seconds"], rows)
+    clips = [r for r in ok if getattr(r, "frames", None) is not None]
+    if clips:  # per clip: psnr/ssim above are means over its frames
+        output.table("roundtrip clips", ["clip", "frames", "fps", "min psnr (dB)", "min ssim", "flicker"],
+                     [[r.input, str(r.frames), f"{r.fps:.3g}", f"{r.psnr_min:.2f}",
+                       "-" if r.ssim_min is None else f"{r.ssim_min:.4f}", f"{r.flicker:.5f}"] for r in clips])
 
 
 def encode(inputs: list[str] = Inputs,
@@ -201,9 +221,12 @@ def encode(inputs: list[str] = Inputs,
            too_small: str = opt.TooSmall, flip: bool = opt.Flip, overwrite: bool = opt.Overwrite,
            fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
-           spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
+           spill_dir: Optional[str] = opt.SpillDir, frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
+           max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
+           json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
-    """Encode images to latent .safetensors files (one per image; complete ones are skipped on a rerun)."""
+    """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
+    (T, C, h, w)); complete ones are skipped on a rerun."""
     # the latent scale first: weights that nobody gave a scale for are refused before any work
     _check_scale(scaling_factor, "--scaling-factor")
     api.weights_settings(model, weights=weights, models_file=models, download=download,
@@ -217,10 +240,12 @@ def encode(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels, crop=crop),
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
-    items = scale.part(run.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
+    selection = _selection(frame_step, fps, max_frames, start, end)
+    items = scale.part(media.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
-    _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+    _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options, json,
+             quiet, rank, claims=Claims())
 
 
 def decode(inputs: list[str] = Inputs,
@@ -235,31 +260,34 @@ def decode(inputs: list[str] = Inputs,
                                                           "multiplied by (default: from the file's metadata)."),
            shift_factor: Optional[float] = typer.Option(None, "--shift-factor", help="Shift subtracted before scaling "
                                                         "(default: from the metadata, else 0)."),
-           image_format: str = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
+           image_format: Optional[str] = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
            workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Decode latent files to images, cropped back to the original size (model, scale, shift from each file's
-    metadata; files by several models decode in one run, each model loaded once)."""
+    metadata; files by several models decode in one run, each model loaded once); a clip's file to a video at its
+    recorded fps (or a folder of frames with --format png/jpg)."""
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None, **_format(image_format, quality))
-    items = scale.part(run.plan_decode(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs)), rank,
-                       shard_by)
+    items = scale.part(media.plan_decode(inputs, _out_dir(out), options.image_format, _clip_format(image_format),
+                                         stdin_lines=_stdin(inputs)), rank, shard_by)
+    decode_files = functools.partial(media.decode_files, clip_format=_clip_format(image_format))
     if model is not None:   # one named model for every file, whatever they record
         vae, info = _load_model(model, weights, models, device, attn, download)
-        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+        _execute("decode", decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
         return
 
     def load(name, path):
         return _load_model(name, path, models, device, attn, download)
 
     def per_file(vae, info, items, options, **kw):
-        return by_model.decode_by_model(items, options, load, fallback=weights, models_file=models, **kw)
+        return by_model.decode_by_model(items, options, load, decode=decode_files, fallback=weights,
+                                        models_file=models, **kw)
 
     _execute("decode", per_file, None, None, items, options, json, quiet, rank, claims=Claims())
 
@@ -274,11 +302,14 @@ def roundtrip(inputs: list[str] = Inputs,
               workers: Optional[int] = opt.Workers, store: str = opt.Store, seed: Optional[int] = opt.Seed,
               latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
               center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
-              max_pixels: int = opt.MaxPixels, image_format: str = opt.ImageFormat, quality: int = opt.Quality,
+              max_pixels: int = opt.MaxPixels, image_format: Optional[str] = opt.ImageFormat, quality: int = opt.Quality,
               fail_fast: bool = opt.FailFast, tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize,
               max_memory: Optional[str] = opt.MaxMemory, spill_dir: Optional[str] = opt.SpillDir,
+              frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
+              max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
               json: bool = opt.Json, quiet: bool = opt.Quiet):
-    """Encode then decode in memory: PSNR and SSIM per image and their mean (a table, or JSON lines)."""
+    """Encode then decode in memory: PSNR and SSIM per image and their mean (a table, or JSON lines); per clip
+    the mean and worst frame and the flicker (mean change of the error between consecutive frames)."""
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=True,
@@ -287,6 +318,10 @@ def roundtrip(inputs: list[str] = Inputs,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels))
     run.check_options(options)
-    items = run.plan_roundtrip(inputs, _out_dir(out), image_format, stdin_lines=_stdin(inputs))
+    selection = _selection(frame_step, fps, max_frames, start, end)
+    items = media.plan_roundtrip(inputs, _out_dir(out), options.image_format, _clip_format(image_format),
+                                 stdin_lines=_stdin(inputs))
     vae, info = _load_model(model, weights, models, device, attn, download)
-    _execute("roundtrip", run.roundtrip_files, vae, info, items, options, json, quiet)
+    _execute("roundtrip", functools.partial(media.roundtrip_files, selection=selection,
+                                            clip_format=_clip_format(image_format)),
+             vae, info, items, options, json, quiet)

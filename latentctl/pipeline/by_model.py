@@ -89,9 +89,11 @@ def group(items: list[Item], *, fallback=None, models_file=None) -> tuple[dict[C
     return groups, errors
 
 
-def decode_by_model(items: list[Item], options: Options, load, *, fallback=None, models_file=None, report=None,
-                    warn=None, stop: threading.Event | None = None, claims=None) -> Summary:
-    """decode_files for files written by several models: `load(model, weights)` -> (vae, info) once per group."""
+def decode_by_model(items: list[Item], options: Options, load, *, decode=decode_files, fallback=None,
+                    models_file=None, report=None, warn=None, stop: threading.Event | None = None,
+                    claims=None) -> Summary:
+    """`decode` (run.decode_files or the like) for files written by several models: `load(model, weights)` ->
+    (vae, info) once per group, then decode(vae, info, the group's items, ...)."""
     started = time.perf_counter()
     stop = stop if stop is not None else threading.Event()
     summary = Summary(total=len(items))
@@ -113,7 +115,7 @@ def decode_by_model(items: list[Item], options: Options, load, *, fallback=None,
             for item in members:
                 fail(item, f"cannot load {choice.label()}: {e}")
             continue
-        part = decode_files(vae, info, members, options, report=report, warn=warn, stop=stop, claims=claims)
+        part = decode(vae, info, members, options, report=report, warn=warn, stop=stop, claims=claims)
         summary.ok, summary.skipped, summary.failed = (summary.ok + part.ok, summary.skipped + part.skipped,
                                                        summary.failed + part.failed)
     summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total

@@ -31,11 +31,16 @@ METADATA_KEYS = (
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that no reader, and no crash at any moment, ever sees a partial file:
     a temporary file in the same folder (same filesystem, so the rename is atomic), fsync, os.replace."""
+    atomic_stream(path, lambda f: f.write(data))
+
+
+def atomic_stream(path: Path, fill) -> None:
+    """atomic_write for data too large to hold: fill(binary file) writes it, then fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
