@@ -8,7 +8,19 @@ so both see the same load. Targets (fp32, within 1e-4 of diffusers): encode and 
 fp32; fastest accurate mode >= 3x diffusers fp32; batch 4 images/s >= batch 1. Each line prints the
 measured value and the `latentctl bench` command that reproduces it. --quick: 256x256, repeat 1.
 --compile adds torch.compile against eager on the same model (the issue's "if it pays for its compile time").
+
+    python benchmarks/performance.py --precision [--sizes 256,512] [--repeat 3] [--force-bf16]
+
+--precision (the bf16 issue) runs only this: latentctl fp32, diffusers fp32, latentctl bf16 (weights held in bf16,
+as `--dtype bf16`/`auto` load them) and diffusers cast to bf16 (`.to(torch.bfloat16)`, as a user would), all four
+interleaved in one run per case, with the ratios against the targets and the CPU features seen. On a CPU without
+bf16 kernels the bf16 pair is skipped (~100x slower there; --force-bf16 times it anyway). With $OUT set, the rows
+also go to $OUT/precision.json.
 """
+
+import copy
+import json
+import os
 
 import argparse
 import statistics
@@ -19,6 +31,7 @@ import torch
 import latentctl
 from latentctl import bench, tiling
 from latentctl.api import cpu_has_fast_bf16
+from latentctl.modules import precision
 
 
 def main():
@@ -30,7 +43,20 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time torch.compile against eager")
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="also time a batch of 4 in one model call against image by image (tiling.SPLIT_BYTES)")
+    ap.add_argument("--precision", action="store_true",
+                    help="only latentctl fp32/bf16 vs diffusers fp32/bf16-cast, interleaved (see the docstring)")
+    ap.add_argument("--sizes", default="256,512", help="--precision: comma-separated image sides")
+    ap.add_argument("--force-bf16", action="store_true", help="--precision: time bf16 even without bf16 kernels")
     args = ap.parse_args()
+    if args.precision:
+        vae, _ = latentctl.load("sd15", random_weights=True, device=args.device)
+        print(cpu_features(next(vae.parameters()).device), flush=True)
+        rows = [precision_case(vae, what, int(s), args.repeat, args.force_bf16)
+                for s in args.sizes.split(",") for what in ("encode", "decode")]
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "precision.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     size, repeat = (256, 1) if args.quick else (args.size, args.repeat)
     vae, _ = latentctl.load("sd15", random_weights=True, device=args.device)
     device = next(vae.parameters()).device
@@ -68,6 +94,87 @@ def main():
             whole_batch_vs_one_at_a_time(small, s, max(repeat, 5))
     if args.compile:
         compiled_vs_eager(vae, size, repeat)
+
+
+def cpu_features(device) -> str:
+    """The CPU (or GPU), the instruction sets that decide bf16 speed, and what --dtype auto picks here."""
+    flags, model = set(), "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                if key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    seen = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (f"{where}; CPU: {model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads; "
+            f"flags: {' '.join(seen) or 'none of avx2/avx512/amx'}; torch {torch.__version__} "
+            f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); oneDNN bf16 kernels: "
+            f"{precision.cpu_has_bf16_kernels()}; --dtype auto here: {latentctl.resolve_dtype('auto', device)}")
+
+
+def precision_case(vae, what: str, size: int, repeat: int, force_bf16: bool = False) -> dict:
+    """One interleaved run of latentctl fp32 / diffusers fp32 / latentctl bf16 / diffusers bf16-cast (bench.measure:
+    one warm-up each, order flipped every round); prints the medians, the ratios and the targets."""
+    device = next(vae.parameters()).device
+    twin = bench.diffusers_twin(vae)  # diffusers as people run it: fp32, contiguous
+    models = {"latentctl fp32": vae, "diffusers fp32": twin}
+    bf16 = device.type == "cuda" or precision.cpu_has_bf16_kernels() or force_bf16
+    if bf16:
+        models["latentctl bf16"] = bench.prepare(vae, torch.bfloat16, bench.memory_format(vae))  # as load holds it
+        models["diffusers bf16"] = torch.nn.Module.to(copy.deepcopy(twin), dtype=torch.bfloat16)
+    f = vae.config.factor
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1 if what == "encode"
+         else torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=g))
+    outs, fns = {}, {}
+    for name, m in models.items():
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        xi = x.to(device, dtype, memory_format=bench.MEMORY_FORMATS[bench.memory_format(m)])
+        if name.startswith("latentctl"):  # as encode/decode run it (bench's own case)
+            call = (lambda m=m, xi=xi: tiling.encode(m, xi, mode="off").mean) if what == "encode" else \
+                   (lambda m=m, xi=xi: tiling.decode(m, xi, mode="off"))
+        else:
+            call = (lambda m=m, xi=xi: m.encode(xi).latent_dist.mean) if what == "encode" else \
+                   (lambda m=m, xi=xi: m.decode(xi).sample)
+
+        def keep_first(call=call, name=name):
+            out = call()
+            outs.setdefault(name, out.float().cpu())
+            return out
+        fns[name] = keep_first
+    with torch.inference_mode():
+        times, _ = alternated(fns, repeat, device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    spread = " ".join(f"{k} {1000 * med[k]:.0f} ms [{1000 * min(v):.0f}-{1000 * max(v):.0f}]" for k, v in times.items())
+    row = dict(what=what, size=size, repeat=repeat, device=str(device), ms={k: round(1000 * v, 1) for k, v in med.items()},
+               fp32_vs_diffusers_fp32=round(med["diffusers fp32"] / med["latentctl fp32"], 3),
+               fp32_max_abs_diff=float((outs["latentctl fp32"] - outs["diffusers fp32"]).abs().max()))
+    print(f"{what} {size}x{size}, medians of {repeat} rounds [min-max]: {spread}", flush=True)
+    ok = row["fp32_vs_diffusers_fp32"] >= 1.25 and row["fp32_max_abs_diff"] <= 1e-4
+    print(f"  latentctl fp32 / diffusers fp32: {row['fp32_vs_diffusers_fp32']:.2f}x, max diff "
+          f"{row['fp32_max_abs_diff']:.1e} (target >= 1.25x, <= 1e-4: {'PASS' if ok else 'FAIL'})")
+    if bf16:
+        ref = outs["latentctl fp32"]
+        rel = lambda k: float((outs[k] - ref).norm() / ref.norm())  # noqa: E731
+        row.update(bf16_vs_diffusers_bf16=round(med["diffusers bf16"] / med["latentctl bf16"], 3),
+                   bf16_vs_diffusers_fp32=round(med["diffusers fp32"] / med["latentctl bf16"], 3),
+                   bf16_vs_fp32=round(med["latentctl fp32"] / med["latentctl bf16"], 3),
+                   bf16_rel_l2_vs_fp32=round(rel("latentctl bf16"), 5),
+                   diffusers_bf16_rel_l2_vs_fp32=round(rel("diffusers bf16"), 5))
+        print(f"  latentctl bf16 / diffusers bf16-cast: {row['bf16_vs_diffusers_bf16']:.2f}x (target >= 1.2x: "
+              f"{'PASS' if row['bf16_vs_diffusers_bf16'] >= 1.2 else 'FAIL'}); / diffusers fp32: "
+              f"{row['bf16_vs_diffusers_fp32']:.2f}x (target >= 3x: {'PASS' if row['bf16_vs_diffusers_fp32'] >= 3 else 'FAIL'}); "
+              f"/ latentctl fp32: {row['bf16_vs_fp32']:.2f}x")
+        print(f"  rel. L2 from latentctl fp32: latentctl bf16 {row['bf16_rel_l2_vs_fp32']:.1e}, diffusers bf16-cast "
+              f"{row['diffusers_bf16_rel_l2_vs_fp32']:.1e} (random weights: quality on photos is in tests/test_bf16.py)")
+    else:
+        print("  bf16 not timed: this CPU has no bf16 kernels (--force-bf16 to time it anyway)")
+    return row
 
 
 def alternated(fns: dict, repeat: int, device) -> tuple[dict[str, list[float]], float | None]:

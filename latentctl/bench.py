@@ -26,7 +26,7 @@ from .api import cpu_has_fast_bf16, resolve_dtype
 from .checkpoints import diffusers_to_ldm
 from .errors import BackendUnavailable, LatentctlError, UsageError
 from .flops import WHATS, model_flops
-from .modules import AutoencoderKL
+from .modules import AutoencoderKL, precision
 from .modules.attention import check_backend
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -222,7 +222,10 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype, fmt: str = "contiguous")
     if dtype == torch.float32 and memory_format(model) == fmt:
         return model
     # nn.Module.to: diffusers' own .to() logs advice to stderr, and the library never prints
-    return torch.nn.Module.to(copy.deepcopy(model), dtype=dtype, memory_format=MEMORY_FORMATS[fmt])
+    model = torch.nn.Module.to(copy.deepcopy(model), memory_format=MEMORY_FORMATS[fmt])
+    if isinstance(model, AutoencoderKL):  # ours as latentctl.load(dtype=...) holds it (GroupNorm affines fp32 on CPU)
+        return precision.hold(model, dtype)
+    return torch.nn.Module.to(model, dtype=dtype)  # diffusers as a user casts it
 
 
 def run(vae: AutoencoderKL, *, whats=WHATS, attns=("sdpa",), dtypes=("auto",), sizes=(256,), batches=(1,),

@@ -44,13 +44,17 @@ def make_tiny_vae(seed: int = 0, jitter: float = 0.0, **overrides):
     return vae
 
 
-def save_weights(vae, path: Path) -> Path:
-    """vae's state dict as an LDM-layout .safetensors at `path` (folders made)."""
+def save_weights(vae, path: Path, scaling_factor: float | None = None, shift_factor: float = 0.0) -> Path:
+    """vae's state dict as an LDM-layout .safetensors at `path` (folders made); with `scaling_factor`, a
+    config.json beside it states the latent scale and shift (weights need a stated scale to encode with)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    if scaling_factor is not None:
+        config = {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
+        (path.parent / "config.json").write_text(json.dumps(config))
     return path
 
 

@@ -11,7 +11,7 @@ from latentctl import bench
 from latentctl.cli.app import app
 from latentctl.errors import UsageError
 from latentctl.flops import model_flops
-from latentctl.modules import AEConfig, AutoencoderKL
+from latentctl.modules import AEConfig, AutoencoderKL, precision
 from latentctl.registry import get_entry
 
 TINY_TOML = """
@@ -66,7 +66,8 @@ def test_json_rows_schema_and_unavailable_backend(tiny_models):
         assert r["vs_diffusers"] is None and r["reason"] is None
     # the table (stderr) says which mode ran: by default the layout encode/decode use, channels_last on CPU
     assert {r["memory_format"] for r in ok} == {"channels_last"}
-    assert "mode: fp32 channels_last" in " ".join(res.stderr.split())
+    auto = "bf16" if precision.cpu_has_bf16_kernels() else "fp32"  # --dtype auto on a CPU (tests/test_bf16.py)
+    assert f"mode: {auto} channels_last" in " ".join(res.stderr.split())
 
 
 def test_only_unavailable_backends_exit_2_with_one_line(tiny_models, cli):
@@ -145,7 +146,7 @@ def test_diffusers_twin_has_our_weights_and_outputs():
 
 def test_vs_diffusers_rows_carry_the_ratio():
     pytest.importorskip("diffusers")
-    rows = bench.run(tiny_vae(), whats=("decode",), sizes=(16,), repeat=2, vs_diffusers=True)
+    rows = bench.run(tiny_vae(), whats=("decode",), dtypes=("fp32",), sizes=(16,), repeat=2, vs_diffusers=True)
     (row,) = rows
     assert row["vs_diffusers"] > 0 and row["diffusers_images_per_s"] > 0
     assert row["diffusers_max_abs_diff"] < 1e-4

@@ -88,3 +88,100 @@ def test_tiled_paths_accept_other_float_types():
         x = (torch.rand(1, 3, 24, 20) * 2 - 1).to(torch.bfloat16)
         assert (tiling.decode(vae, z, mode="on", tile_size=8) - vae.decode(z.float())).abs().max() < 1e-5
         assert (tiling.encode(vae, x, mode="on", tile_size=8).mean - vae.encode(x.float()).mean).abs().max() < 1e-5
+
+
+# --- the bf16 path: weights held in bf16, chosen by auto where the CPU has bf16 kernels ----------------------------
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_auto_picks_bf16_exactly_when_the_cpu_has_bf16_kernels(monkeypatch, kernels):
+    import latentctl
+    from latentctl.modules import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: kernels)
+    want = torch.bfloat16 if kernels else torch.float32
+    assert latentctl.resolve_dtype("auto", torch.device("cpu")) == want
+    vae, _ = latentctl.load("default", dtype="auto")
+    assert vae.dtype == want
+    for m in vae.modules():  # convolutions in the compute dtype, GroupNorm affines float32 (precision.hold)
+        if isinstance(m, torch.nn.Conv2d):
+            assert m.weight.dtype == want and m.bias.dtype == want
+            assert m.weight.shape[-1] == 1 or m.weight.is_contiguous(memory_format=torch.channels_last)
+        if isinstance(m, torch.nn.GroupNorm):
+            assert m.weight.dtype == torch.float32 and m.bias.dtype == torch.float32
+    assert latentctl.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # explicit choices stand
+
+
+def test_the_probe_is_what_onednn_says():
+    from latentctl.modules import precision
+
+    assert precision.cpu_has_bf16_kernels() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _photo_batch() -> torch.Tensor:
+    """A real photo (scikit-image's coffee, not one of the default model's evaluation photos), 96x128 crop."""
+    from skimage import data
+
+    img = data.coffee()[120:216, 200:328]
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1, 1], computed here (not latentctl.metrics: an independent formula)."""
+    mse = ((a.double().clamp(-1, 1) - b.double().clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def test_bf16_weights_match_fp32_and_diffusers_on_a_photo():
+    """The default model with its weights held in bf16: roundtrip quality within 0.1 dB of fp32, and the same
+    picture as fp32 and as diffusers' AutoencoderKL with the same weights (fp32, and cast to bf16 as users do)."""
+    import latentctl
+    from latentctl.bench import diffusers_twin
+
+    x = _photo_batch()
+    fp32, _ = latentctl.load("default")
+    bf16, _ = latentctl.load("default", dtype="bf16")
+    twin = diffusers_twin(fp32)
+    twin_bf16 = torch.nn.Module.to(diffusers_twin(fp32), dtype=torch.bfloat16)  # (diffusers' .to() logs advice)
+    with torch.inference_mode():
+        out = {"fp32": fp32.decode(fp32.encode(x).mean).float(), "bf16": bf16.decode(bf16.encode(x).mean).float(),
+               "diffusers fp32": twin.decode(twin.encode(x).latent_dist.mean).sample,
+               "diffusers bf16": twin_bf16.decode(twin_bf16.encode(x.bfloat16()).latent_dist.mean).sample.float()}
+    quality = {k: _psnr(v, x) for k, v in out.items()}
+    assert abs(quality["fp32"] - quality["diffusers fp32"]) < 1e-3, quality   # the reference is the same model
+    assert abs(quality["bf16"] - quality["fp32"]) < 0.1, quality
+    assert quality["bf16"] >= quality["diffusers bf16"] - 0.05, quality        # no worse than a plain bf16 cast
+    assert _psnr(out["bf16"], out["fp32"]) > 40, quality
+    assert _psnr(out["bf16"], out["diffusers fp32"]) > 40, quality
+    assert _psnr(out["bf16"], out["diffusers bf16"]) > 38, quality
+
+
+def test_pipeline_with_bf16_weights_runs_without_autocast_and_redoes_overflow_in_fp32(tmp_path, monkeypatch):
+    """encode_batch with bf16 weights: no autocast (the weights already compute in bf16), the same latent as
+    fp32 weights under autocast to bf16 precision; a non-finite batch is redone in fp32 on an fp32 copy."""
+    import latentctl
+    from latentctl.pipeline import run
+
+    x = _photo_batch()[:, :, :64, :64]
+    held, _ = latentctl.load("default", dtype="bf16")
+    fp32, _ = latentctl.load("default")
+    seen, real_autocast = [], run._autocast
+
+    def autocast(vae, options):
+        ctx = real_autocast(vae, options)
+        seen.append(ctx._enabled)
+        return ctx
+
+    monkeypatch.setattr(run, "_autocast", autocast)
+    opts = run.Options(dtype=torch.bfloat16)
+    got = run.encode_batch(held, x, opts).mean
+    auto = run.encode_batch(fp32, x, opts).mean
+    ref = fp32.encode(x).mean.detach()
+    assert seen == [False, True]
+    assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got - auto).abs().max() < 0.05 * ref.abs().max()
+    # the overflow fallback: fp32 asked of bf16 weights computes in fp32 (weights as held), never in bf16
+    exact = latentctl.modules.precision.hold(copy.deepcopy(held), torch.float32)
+    redo = run.encode_batch(held, x, run.Options(dtype=torch.float32)).mean
+    assert held.dtype == torch.bfloat16 and (redo - exact.encode(x).mean).abs().max() < 1e-5
+    assert (redo - got).abs().max() > 1e-3  # and that is not the bf16 result

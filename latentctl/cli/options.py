@@ -10,7 +10,7 @@ Weights = typer.Option(None, "--weights", "-w", help="Weights file or diffusers 
 ModelsFile = typer.Option(None, "--models", help="Extra models.toml that adds or overrides entries.")
 Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 Dtype = typer.Option("auto", "--dtype", help="Compute precision: auto | fp32 | bf16 | fp16. auto picks the fastest "
-                                               "safe one (bf16 on GPUs, fp32 on CPUs without bf16 kernels).")
+                                               "safe one: bf16 on GPUs and on CPUs with bf16 kernels (AVX-512 BF16/AMX), else fp32.")
 Attn = typer.Option("sdpa", "--attn", help="Attention backend: sdpa (torch, default) | xformers (CUDA, optional "
                                            "extra) | linear (O(N); on ordinary checkpoints an approximation).")
 ScalingFactor = typer.Option(None, "--scaling-factor", help="Latent scale: model-ready = (z - shift) * scale. "

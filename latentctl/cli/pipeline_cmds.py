@@ -19,8 +19,9 @@ from typing import Optional
 import typer
 
 from .. import api, buckets as bucketing
-from ..errors import UsageError
-from ..pipeline import by_model, images, media, run
+from ..modules import precision
+from ..errors import InputError, UsageError
+from ..pipeline import by_model, datasets, images, media, run
 from ..pipeline.clip_writers import CLIP_FORMATS
 from ..pipeline.frames import Selection
 from ..dist.claims import Claims
@@ -28,7 +29,8 @@ from . import options as opt
 from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line.")
+                                  "one per line; or WebDataset tar shards: .tar files, a folder of them (an "
+                                  "img2dataset output folder as it is), globs, or brace ranges s/{00000..00099}.tar.")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -116,7 +118,7 @@ def _stdin(inputs: list[str]):
         return None
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
-    return sys.stdin
+    return sys.stdin.readlines()  # read once: the kind of input (shards or files) is decided from them
 
 
 def _check_scale(scale: float | None, flag: str) -> None:
@@ -137,6 +139,9 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
+    # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
+    if vae is not None:   # None: fn loads its models itself (decode per file) and holds them so
+        vae = precision.hold(vae, precision.weights_dtype(options.dtype))
     stop, caught = threading.Event(), []
 
     def on_signal(signum, frame):
@@ -149,7 +154,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     records, closed = [], []
-    bar = output.progress(len(items), verb, quiet)
+    bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
         if record.status == "error":
@@ -224,9 +229,15 @@ def encode(inputs: list[str] = Inputs,
            spill_dir: Optional[str] = opt.SpillDir, frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
            max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
            json: bool = opt.Json, quiet: bool = opt.Quiet,
+           to: str = typer.Option("files", "--to", help="files: one .safetensors per image or clip (default) | wds: "
+                                  "WebDataset tar shards of image latents, one per input shard (same name) or "
+                                  "--shard-size images each, with NAME_stats.json written last."),
+           shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
+                                                    f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
-    (T, C, h, w)); complete ones are skipped on a rerun."""
+    (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
+    OUT/index.parquet lists every image latent."""
     # the latent scale first: weights that nobody gave a scale for are refused before any work
     _check_scale(scaling_factor, "--scaling-factor")
     api.weights_settings(model, weights=weights, models_file=models, download=download,
@@ -241,11 +252,15 @@ def encode(inputs: list[str] = Inputs,
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
-    items = scale.part(media.plan_encode(inputs, _out_dir(out), stdin_lines=_stdin(inputs)), rank, shard_by)
+    items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
+                                       stdin_lines=_stdin(inputs), part=lambda xs: scale.part(xs, rank, shard_by))
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
-    _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options, json,
-             quiet, rank, claims=Claims())
+    if isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+        _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
+                 json, quiet, rank, claims=Claims(), sink=sink)
+    else:  # streamed shards, or shards out: ranks split whole shards
+        _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
 
 def decode(inputs: list[str] = Inputs,
@@ -274,22 +289,36 @@ def decode(inputs: list[str] = Inputs,
                        overwrite=overwrite,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None, **_format(image_format, quality))
-    items = scale.part(media.plan_decode(inputs, _out_dir(out), options.image_format, _clip_format(image_format),
-                                         stdin_lines=_stdin(inputs)), rank, shard_by)
+    stdin_lines = _stdin(inputs)
+    items, sink = datasets.plan_decode(inputs, _out_dir(out), image_format=options.image_format,
+                                       clip_format=_clip_format(image_format), stdin_lines=stdin_lines,
+                                       part=lambda xs: scale.part(xs, rank, shard_by))
+    if not isinstance(items, list):  # latent shards: one model for the stream, the one its first sample records
+        if model is None:
+            meta = datasets.first_latent_metadata(inputs, stdin_lines) or {}
+            try:
+                choice = by_model.choose(meta, fallback=weights, models_file=models)
+            except InputError as e:
+                raise UsageError(f"the first latent of the shards: {e}") from None
+            model, weights = choice.model, choice.weights
+        vae, info = _load_model(model, weights, models, device, attn, download)
+        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
+        return
     decode_files = functools.partial(media.decode_files, clip_format=_clip_format(image_format))
     if model is not None:   # one named model for every file, whatever they record
         vae, info = _load_model(model, weights, models, device, attn, download)
-        _execute("decode", decode_files, vae, info, items, options, json, quiet, rank, claims=Claims())
+        _execute("decode", decode_files, vae, info, items, options, json, quiet, rank, claims=Claims(), sink=sink)
         return
 
     def load(name, path):
-        return _load_model(name, path, models, device, attn, download)
+        vae, info = _load_model(name, path, models, device, attn, download)
+        return precision.hold(vae, precision.weights_dtype(options.dtype)), info
 
     def per_file(vae, info, items, options, **kw):
         return by_model.decode_by_model(items, options, load, decode=decode_files, fallback=weights,
                                         models_file=models, **kw)
 
-    _execute("decode", per_file, None, None, items, options, json, quiet, rank, claims=Claims())
+    _execute("decode", per_file, None, None, items, options, json, quiet, rank, claims=Claims(), sink=sink)
 
 
 def roundtrip(inputs: list[str] = Inputs,

@@ -91,9 +91,9 @@ def group(items: list[Item], *, fallback=None, models_file=None) -> tuple[dict[C
 
 def decode_by_model(items: list[Item], options: Options, load, *, decode=decode_files, fallback=None,
                     models_file=None, report=None, warn=None, stop: threading.Event | None = None,
-                    claims=None) -> Summary:
+                    **extra) -> Summary:
     """`decode` (run.decode_files or the like) for files written by several models: `load(model, weights)` ->
-    (vae, info) once per group, then decode(vae, info, the group's items, ...)."""
+    (vae, info) once per group, then decode(vae, info, the group's items, ...); `extra` (claims, sink) goes to it."""
     started = time.perf_counter()
     stop = stop if stop is not None else threading.Event()
     summary = Summary(total=len(items))
@@ -115,7 +115,7 @@ def decode_by_model(items: list[Item], options: Options, load, *, decode=decode_
             for item in members:
                 fail(item, f"cannot load {choice.label()}: {e}")
             continue
-        part = decode(vae, info, members, options, report=report, warn=warn, stop=stop, claims=claims)
+        part = decode(vae, info, members, options, report=report, warn=warn, stop=stop, **extra)
         summary.ok, summary.skipped, summary.failed = (summary.ok + part.ok, summary.skipped + part.skipped,
                                                        summary.failed + part.failed)
     summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total

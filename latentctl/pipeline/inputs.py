@@ -31,6 +31,10 @@ class Item:
     rel: PurePosixPath          # path under its input root; the output mirrors it
     output: Path | None = None
     error: str | None = None    # already known to be unusable (missing file, glob matching nothing)
+    data: bytes | None = None   # the input's bytes when it does not live in a file of its own (a tar member)
+    key: str | None = None      # a tar sample's key (WebDataset: the member name up to the first dot of its basename)
+    carried: dict[str, bytes] | None = None  # a tar sample's other members by extension (".txt"), copied unchanged
+    shard: object | None = None  # the sources.Shard this item comes from or goes to, if any
 
 
 def _has_wildcard(text: str) -> bool:
@@ -143,6 +147,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+def resume_one(item: Item, overwrite: bool, check) -> tuple[str, str]:
+    """One item's resume state, ("todo" | "done" | "conflict", reason), for drivers that take items one at a
+    time. check(item) -> (state, reason) as in resume(), but given the item (a sink decides what done means)."""
+    if item.error is not None or overwrite or check is None:
+        return "todo", ""
+    state, reason = check(item)
+    return (state, reason) if state in ("done", "conflict") else ("todo", "")
 
 
 def resume(items: list[Item], overwrite: bool, check) -> tuple[list[Item], list[Item], list[tuple[Item, str]]]:

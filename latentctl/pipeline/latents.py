@@ -5,12 +5,13 @@ sample; with store=posterior also `mean` and `logvar` (raw, unscaled) so trainin
 each epoch; with --flip also `latent_flipped` (and `mean_flipped`, `logvar_flipped`), the mirrored crop's. Metadata (strings only, as safetensors requires): see METADATA_KEYS.
 """
 
+import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from ..errors import InputError
 from .inputs import temp_path
@@ -54,7 +55,17 @@ def to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byte
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"latent metadata must be strings: {bad}")
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    raw = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return _canonical(raw)
+
+
+def _canonical(raw: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted (safetensors writes metadata in hash order, which
+    changes from one process to the next): equal latents and metadata give equal bytes, in a file or a shard."""
+    n = int.from_bytes(raw[:8], "little")
+    head = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)  # the data stays 8-byte aligned, as safetensors keeps it
+    return len(head).to_bytes(8, "little") + head + raw[8 + n:]
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -70,16 +81,36 @@ def read_metadata(path: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
         raise InputError(f"not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def read(path: Path, key: str = "latent") -> tuple[torch.Tensor, dict[str, str]]:
-    """The tensor `key` (C, h, w) as float32 and the file's metadata. Raises InputError with the reason."""
+def header(data: bytes) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """(metadata, {tensor name: shape}) from a latent file's bytes (e.g. a shard member), header only."""
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-            if key not in keys:
-                raise InputError(f"no tensor {key!r} in this file (it has {', '.join(keys) or 'none'}; "
-                                 "choose one with --key)")
-            t = f.get_tensor(key)
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > len(data) - 8:
+            raise ValueError(f"header of {n} bytes in {len(data)} bytes")
+        head = json.loads(data[8:8 + n])
+        meta = head.pop("__metadata__", None) or {}
+        return dict(meta), {k: list(v["shape"]) for k, v in head.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read(path: Path | bytes, key: str = "latent") -> tuple[torch.Tensor, dict[str, str]]:
+    """The tensor `key` (C, h, w) as float32 and the file's metadata. Raises InputError with the reason.
+    `path` may also be the file's bytes (a tar member)."""
+    try:
+        if isinstance(path, (bytes, bytearray)):
+            meta = header(path)[0]
+            tensors = load(bytes(path))
+        else:
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: None for k in f.keys()}
+                if key in tensors:
+                    tensors[key] = f.get_tensor(key)
+        if key not in tensors:
+            raise InputError(f"no tensor {key!r} in this file (it has {', '.join(tensors) or 'none'}; "
+                             "choose one with --key)")
+        t = tensors[key]
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"not a readable safetensors file (truncated or corrupt?): {e}") from None
     if t.ndim == 4 and t.shape[0] == 1:

@@ -93,21 +93,21 @@ def _image_format_refused(items: list[Item], options: run.Options, report) -> ru
 
 
 def encode_files(vae, info, items: list[Item], options: run.Options, *, selection: Selection = Selection(),
-                 report=None, warn=None, stop: threading.Event | None = None, claims=None) -> run.Summary:
+                 report=None, warn=None, stop: threading.Event | None = None, claims=None, sink=None) -> run.Summary:
     """run.encode_files for images, video.encode_clips for clips (items from plan_encode)."""
     selection.check()
     images, clips = _split(items, _clip)
     return _images_then_clips(
         images, clips,
         lambda its, stop: run.encode_files(vae, info, its, options, report=report, warn=warn, stop=stop,
-                                           claims=_fresh(claims)),
+                                           claims=_fresh(claims), sink=sink),
         lambda its, seed, stop: video.encode_clips(vae, info, its, options, selection, seed=seed, report=report,
                                                    warn=warn, stop=stop, claims=_fresh(claims)),
         options, stop)
 
 
 def decode_files(vae, info, items: list[Item], options: run.Options, *, clip_format: str = "mp4", report=None,
-                 warn=None, stop: threading.Event | None = None, claims=None) -> run.Summary:
+                 warn=None, stop: threading.Event | None = None, claims=None, sink=None) -> run.Summary:
     """run.decode_files for image latents, video.decode_clips for clip latents (items from plan_decode)."""
     if clip_format not in CLIP_FORMATS:
         raise ValueError(f"clip format {clip_format!r}: choose {', '.join(CLIP_FORMATS)}")
@@ -115,7 +115,8 @@ def decode_files(vae, info, items: list[Item], options: run.Options, *, clip_for
     return _images_then_clips(
         images, clips,
         lambda its, stop: _image_format_refused(its, options, report)
-        or run.decode_files(vae, info, its, options, report=report, warn=warn, stop=stop, claims=_fresh(claims)),
+        or run.decode_files(vae, info, its, options, report=report, warn=warn, stop=stop, claims=_fresh(claims),
+                            sink=sink),
         lambda its, seed, stop: video.decode_clips(vae, info, its, options, clip_format, report=report, warn=warn,
                                                    stop=stop, claims=_fresh(claims)),
         options, stop)

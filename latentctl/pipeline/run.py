@@ -9,15 +9,17 @@ All model compute goes through encode_batch() and decode_batch(), which tile (la
 or when a batch would not fit in memory.
 """
 
+import copy
 import hashlib
 import math
 import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -25,9 +27,10 @@ import torch
 from .. import __version__, buckets as bucketing, tiling
 from ..errors import InputError, LatentctlError, Skip, UsageError
 from ..metrics import psnr, ssim
-from ..modules import AutoencoderKL, DiagonalGaussian
+from ..modules import AutoencoderKL, DiagonalGaussian, precision
 from . import images, latents
-from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume_one
+from .sinks import FileSink
 
 STORES = ("mean", "sample", "posterior")
 TILE_MODES = tiling.MODES
@@ -37,7 +40,7 @@ TILE_MODES = tiling.MODES
 class Options:
     """Everything a run needs besides the model and the inputs (the CLI fills it from the flags)."""
 
-    dtype: torch.dtype = torch.float32      # compute precision; bf16/fp16 run under autocast
+    dtype: torch.dtype = torch.float32      # compute precision (autocast unless the weights are held in it)
     batch_size: int = 4
     workers: int = 4                        # loader threads, and as many writer threads
     store: str = "mean"                     # mean | sample | posterior
@@ -77,6 +80,7 @@ class Record:
     seconds: float = 0.0            # this item's own load + share of its batch + write
     psnr: float | None = None       # roundtrip only
     ssim: float | None = None
+    item: Item | None = field(default=None, repr=False, compare=False)  # for sinks; not part of to_dict()
 
     def to_dict(self) -> dict:
         d = {"input": self.input, "output": self.output, "status": self.status, "error": self.error,
@@ -114,13 +118,23 @@ class _Job:
 # --- the two seams: every model call of the pipeline goes through one of these -------------------------------
 
 def _autocast(vae: AutoencoderKL, options: Options):
+    """Autocast only for float32 weights computing in bf16/fp16; weights held in the compute dtype
+    (latentctl.load(dtype=...), what the CLI does for bf16) need no per-call casts."""
     device = next(vae.parameters()).device
-    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != torch.float32)
+    return torch.autocast(device.type, dtype=options.dtype, enabled=options.dtype != vae.dtype)
+
+
+def _model_for(vae: AutoencoderKL, options: Options) -> AutoencoderKL:
+    """vae, or, when fp32 is asked of weights held in bf16 (the redo after an overflow), an fp32 copy of it."""
+    if options.dtype == torch.float32 and vae.dtype != torch.float32:
+        return precision.hold(copy.deepcopy(vae), torch.float32)
+    return vae
 
 
 def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> DiagonalGaussian:
     """Images (B, 3, H, W) in [-1, 1] -> posterior with float32 mean/logvar (B, C, h, w).
     Tiled when options.tile says so (auto: when the untiled batch would not fit options.max_memory)."""
+    vae = _model_for(vae, options)
     with torch.inference_mode(), _autocast(vae, options):
         posterior = tiling.encode(vae, x, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
                                   dtype=options.dtype, spill=options.spill)
@@ -129,6 +143,7 @@ def encode_batch(vae: AutoencoderKL, x: torch.Tensor, options: Options) -> Diago
 
 def decode_batch(vae: AutoencoderKL, z: torch.Tensor, options: Options) -> torch.Tensor:
     """Raw latents (B, C, h, w) -> images (B, 3, H, W), float32, about [-1, 1] (not clamped). Tiled as encode_batch."""
+    vae = _model_for(vae, options)
     with torch.inference_mode(), _autocast(vae, options):
         return tiling.decode(vae, z, mode=options.tile, tile_size=options.tile_size, budget=options.max_memory,
                              dtype=options.dtype, spill=options.spill).float()
@@ -184,7 +199,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _error(item: Item, message: str, seconds: float = 0.0) -> Record:
-    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds)
+    return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds,
+                  item=item)
 
 
 def _load(load, item: Item):
@@ -198,7 +214,7 @@ def _load(load, item: Item):
         return _error(item, str(e), time.perf_counter() - t)
     except Skip as e:
         return Record(item.source, str(item.output) if item.output else None, "skipped", str(e),
-                      seconds=time.perf_counter() - t)
+                      seconds=time.perf_counter() - t, item=item)
     except Exception as e:  # pillow and decoders raise many kinds on hostile files: all are the item's error
         return _error(item, f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t)
     job.seconds = time.perf_counter() - t
@@ -217,6 +233,7 @@ def _finish(finish, job: _Job, result) -> Record:
     except Exception as e:
         record = _error(job.item, f"{type(e).__name__}: {_first_line(e)}")
     record.seconds = job.seconds + time.perf_counter() - t
+    record.item = job.item
     return record
 
 
@@ -236,14 +253,15 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
-def _drive(items: list[Item], check, load, compute, finish, options: Options, report, stop, claims=None) -> Summary:
-    """Every item once, through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
+def _drive(items: Iterable[Item], check, load, compute, finish, options: Options, report, stop,
+           claims=None) -> Summary:
+    """Every item once (from a list, or a generator that streams them: tar shards), through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
     claimed before it is loaded, so runs sharing the output folder split the items; items another live run holds
     are done in later rounds, once free (or skipped, once that run has written them)."""
     if claims is None:
         return _drive_round(items, check, load, compute, finish, options, report, stop)
     started = time.perf_counter()
-    summary, stop, rounds = Summary(total=len(items)), stop if stop is not None else threading.Event(), 0
+    summary, stop, rounds = Summary(total=len(items) if hasattr(items, "__len__") else 0), stop if stop is not None else threading.Event(), 0
     try:
         while items:
             before = claims.by_others
@@ -261,11 +279,15 @@ def _drive(items: list[Item], check, load, compute, finish, options: Options, re
     return summary
 
 
-def _drive_round(items: list[Item], check, load, compute, finish, options: Options, report, stop,
+def _drive_round(items: Iterable[Item], check, load, compute, finish, options: Options, report, stop,
                  claims=None) -> Summary:
+    """Pull items one at a time, decide each one's resume state as it comes (check(item) -> (state, reason)),
+    load, batch, compute and finish the ones to do."""
     started = time.perf_counter()
-    summary = Summary(total=len(items))
+    sized = hasattr(items, "__len__")
+    summary = Summary(total=len(items) if sized else 0)
     stop = stop if stop is not None else threading.Event()
+    ended = []  # set once every item has been pulled
 
     def emit(record: Record) -> None:
         summary.ok += record.status == "ok"
@@ -279,19 +301,32 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
     def halted() -> bool:
         return stop.is_set() or (options.fail_fast and summary.failed > 0)
 
-    todo, done, refused = resume(items, options.overwrite, check) if check else (items, [], [])
-    for item in done:
-        emit(Record(item.source, str(item.output), "skipped"))
-    for item, reason in refused:
-        emit(_error(item, reason))
+    def triage():
+        """The items to do, in order; skipped and refused ones are reported as they are met."""
+        for item in items:
+            summary.total += not sized
+            state, reason = resume_one(item, options.overwrite, check)
+            if state == "done":
+                emit(Record(item.source, str(item.output), "skipped", item=item))
+            elif state == "conflict":
+                emit(_error(item, reason))
+            else:
+                yield item
+            if halted():
+                return
+        ended.append(True)
 
     workers = max(1, options.workers)
     ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
     with ThreadPoolExecutor(workers, "latentctl-load") as loader, \
             ThreadPoolExecutor(workers, "latentctl-write") as writer:
         pending, writes, buckets = deque(), deque(), {}
-        source = iter(todo) if claims is None else claims.take(
-            todo, check, options.overwrite, lambda item: emit(Record(item.source, str(item.output), "skipped")))
+        if claims is None:
+            source = triage()
+        else:  # claims check an output path: give the sink's check an item for it
+            on_path = (lambda out: check(Item(str(out), out, PurePosixPath(out.name), output=out))) if check else None
+            source = claims.take(triage(), on_path, options.overwrite,
+                                 lambda item: emit(Record(item.source, str(item.output), "skipped", item=item)))
 
         def fill() -> None:
             while len(pending) < ahead and (item := next(source, None)) is not None:
@@ -336,7 +371,7 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
         for future in pending:
             future.cancel()
         drain(0)  # the writes in flight always finish, even after Ctrl-C
-    summary.interrupted = stop.is_set() and summary.ok + summary.skipped + summary.failed < summary.total
+    summary.interrupted = stop.is_set() and (not ended or summary.ok + summary.skipped + summary.failed < summary.total)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -345,9 +380,10 @@ def _drive_round(items: list[Item], check, load, compute, finish, options: Optio
 
 def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int | None = None) -> _Job:
     try:
-        data = item.path.read_bytes()
+        data = item.data if item.data is not None else item.path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror or e}") from None
+    item.data = None  # the decoded image is what is kept from here on
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
     info = {"loaded": loaded, "sha256": hashlib.sha256(data).hexdigest()}
     if options.buckets is None:
@@ -453,9 +489,19 @@ def _run_seed(options: Options) -> int | None:
     return options.seed if options.seed is not None else secrets.randbits(63)
 
 
-def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None, claims=None) -> Summary:
-    """Encode images to latent files (items from plan_encode). `info` is api.load()'s ModelInfo."""
+def _through(sink, items: Iterable[Item], report):
+    """Items placed by the sink (it sets their outputs), and a report that tells the sink every record first."""
+    def reported(record: Record) -> None:
+        sink.record(record)
+        if report is not None:
+            report(record)
+    return map(sink.place, items) if not hasattr(items, "__len__") else [sink.place(i) for i in items], reported
+
+
+def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None, claims=None) -> Summary:
+    """Encode images to latents (items from plan_encode, or any iterable of Items: datasets.plan streams tar
+    shards). `info` is api.load()'s ModelInfo. `sink` (sinks.py) says where they go: one file each by default."""
     warn = warn or (lambda message: None)
     if getattr(info, "settings", None) == "unknown":
         raise UsageError(f"{info.weights}: no latent scale known for these weights; load them with a model name "
@@ -481,12 +527,21 @@ def encode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
         return out
 
     def finish(job, tensors):
-        latents.write(job.item.output, tensors, _metadata(job, vae, info, settings, seed))
-        return Record(job.item.source, str(job.item.output), "ok", shape=list(tensors["latent"].shape))
+        meta = _metadata(job, vae, info, settings, seed)
+        shape = list(tensors["latent"].shape)
+        where = sink.write(job.item, latents.to_bytes(tensors, meta),
+                           {"shape": shape, "source": meta["source"], "source_sha256": meta["source_sha256"]})
+        return Record(job.item.source, where, "ok", shape=shape)
 
-    summary = _drive(items, lambda path: latents.check(path, settings),
-                     lambda item: _load_image_job(item, vae, options, seed), compute, finish, options, report, stop,
-                     claims)
+    sink = sink if sink is not None else FileSink(None)
+    sink.open(settings, lambda path: latents.check(path, settings))
+    items, report = _through(sink, items, report)
+    summary = None
+    try:
+        summary = _drive(items, sink.check, lambda item: _load_image_job(item, vae, options, seed), compute,
+                         finish, options, report, stop, claims)
+    finally:
+        sink.close(summary is None or summary.interrupted)
     summary.seed = seed
     return summary
 
@@ -517,7 +572,8 @@ def _scale_shift(meta: dict, options: Options) -> tuple[float, float]:
 
 
 def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> _Job:
-    latent, meta = latents.read(item.path, options.key)
+    latent, meta = latents.read(item.path if item.data is None else item.data, options.key)
+    item.data = None
     channels = vae.config.latent_channels
     if latent.shape[0] != channels:
         raise InputError(f"latent has {latent.shape[0]} channels; model {info.name!r} takes {channels}")
@@ -557,9 +613,10 @@ def _write_image(path: Path, rgb: np.ndarray, options: Options) -> None:
     latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality))
 
 
-def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None, claims=None) -> Summary:
-    """Decode latent files to images cropped to their valid box (items from plan_decode)."""
+def decode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None, claims=None) -> Summary:
+    """Decode latents to images cropped to their valid box (items from plan_decode, or latent shards through
+    datasets.plan). `sink`: where the images go (one file each)."""
     warn = warn or (lambda message: None)
     device = next(vae.parameters()).device
 
@@ -568,14 +625,22 @@ def decode_files(vae: AutoencoderKL, info, items: list[Item], options: Options, 
 
     def finish(job, image):
         rgb = images.to_uint8(_crop(image, job.info["valid"]))
-        _write_image(job.item.output, rgb, options)
-        return Record(job.item.source, str(job.item.output), "ok", shape=[3, *rgb.shape[:2]])
+        where = sink.write(job.item, images.encode_image(rgb, options.image_format, options.quality))
+        return Record(job.item.source, where, "ok", shape=[3, *rgb.shape[:2]])
 
     def check(path):
         return ("done", "") if images.is_valid_image(path) else ("redo", "")
 
-    return _drive(items, check, lambda item: _load_latent_job(item, vae, info, options), compute, finish,
-                  options, report, stop, claims)
+    sink = sink if sink is not None else FileSink(None, "." + options.image_format)
+    sink.open({}, check)
+    items, report = _through(sink, items, report)
+    summary = None
+    try:
+        summary = _drive(items, sink.check, lambda item: _load_latent_job(item, vae, info, options), compute,
+                         finish, options, report, stop, claims)
+    finally:
+        sink.close(summary is None or summary.interrupted)
+    return summary
 
 
 # --- roundtrip ------------------------------------------------------------------------------------------------
