@@ -20,20 +20,80 @@ given, so it does not depend on workers, batch order or rank; call set_epoch() b
 copy the dataset when an epoch's iterator starts, unless persistent_workers=True, where the epoch never reaches them:
 leave seed=None there and the draws come from torch's per-worker generator). Without a seed, torch's generator.
 
-Only the one-file-per-image layout is read (tar shards are not).
+Both output layouts are read: latent files (NAME.safetensors, caption NAME.txt beside it) and WebDataset tar
+shards (`encode --to wds`: members KEY.latent.safetensors, caption KEY.txt), found under `root` by extension.
 """
 
 import hashlib
+import json
 import random
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
 from torch.utils.data import Dataset, Sampler
 
 from .errors import InputError
 
 FLIPS = ("never", "random", "always")
+LATENT_MEMBER = ".latent.safetensors"   # a sample's latent inside a tar shard (KEY.latent.safetensors)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A sample inside a tar shard: where its latent file's bytes are, and its caption's if it has one."""
+
+    tar: Path
+    key: str
+    offset: int
+    size: int
+    caption: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.tar}:{self.key}"
+
+    def read(self, span: tuple[int, int] | None = None) -> bytes:
+        offset, size = span or (self.offset, self.size)
+        with open(self.tar, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise InputError(f"{self}: the shard is shorter than its member (truncated?)")
+        return data
+
+
+def _header(data: bytes) -> tuple[dict, dict]:
+    """(metadata, {tensor: shape}) from the start of a safetensors file's bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None) or {}
+    return meta, {k: v["shape"] for k, v in header.items()}
+
+
+def _tar_members(path: Path) -> list[_Member]:
+    """The samples of one shard, by the WebDataset rule: KEY is the member name up to the first dot of its file
+    name; KEY.latent.safetensors is the latent, KEY.txt the caption."""
+    found, captions = {}, {}
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                folder, _, base = m.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not stem:  # hidden names are no sample's (as in the shard reader of latentctl.pipeline)
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                if "." + ext == LATENT_MEMBER:
+                    found[key] = (m.offset_data, m.size)
+                elif ext == "txt":
+                    captions[key] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:
+        raise InputError(f"{path}: not a readable tar shard ({e})") from None
+    return [_Member(path, k, *found[k], captions.get(k)) for k in sorted(found)]
 
 
 def _pair(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -49,7 +109,8 @@ def _draw_seed(*parts) -> int:
 
 
 class LatentDataset(Dataset):
-    """Latent files under `root` (from `latentctl encode`; any .safetensors with a `latent` (C, h, w) tensor).
+    """Latent files and tar shards under `root` (from `latentctl encode`; any .safetensors with a `latent`
+    (C, h, w) tensor).
 
     flip: never | random (each item, each epoch, a fair coin) | always; random and always need files written
     with `encode --flip`. sample_posterior: files written with `--store posterior` yield a fresh sample
@@ -61,9 +122,12 @@ class LatentDataset(Dataset):
         self.root, self.flip, self.sample_posterior, self.seed, self.epoch = Path(root), flip, sample_posterior, seed, 0
         if not self.root.is_dir():
             raise InputError(f"{root}: not a folder")
-        self.paths = sorted(p for p in self.root.rglob("*.safetensors") if not p.name.startswith("."))
+        files = sorted(p for p in self.root.rglob("*") if not p.name.startswith(".") and p.is_file())
+        self.paths: list = [p for p in files if p.suffix == ".safetensors"]  # a file, or a _Member of a shard
+        for tar in (p for p in files if p.suffix == ".tar"):
+            self.paths += _tar_members(tar)
         if not self.paths:
-            raise InputError(f"{root}: no .safetensors latent files")
+            raise InputError(f"{root}: no .safetensors latent files and no tar shards with latents")
         self.meta, self.shapes = [], []
         for path in self.paths:
             meta, keys = self._header(path)
@@ -76,12 +140,29 @@ class LatentDataset(Dataset):
             self.shapes.append(tuple(keys["latent"]))
 
     @staticmethod
-    def _header(path: Path) -> tuple[dict, dict]:
+    def _header(path) -> tuple[dict, dict]:
         try:
+            if isinstance(path, _Member):
+                with open(path.tar, "rb") as f:
+                    f.seek(path.offset)
+                    head = f.read(8)
+                    head += f.read(int.from_bytes(head, "little"))
+                return _header(head)
             with safe_open(str(path), "pt") as f:
                 return dict(f.metadata() or {}), {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+    @staticmethod
+    def _tensors(path, names: list[str]) -> list[torch.Tensor]:
+        try:
+            if isinstance(path, _Member):
+                tensors = load_bytes(path.read())
+                return [tensors[n] for n in names]
+            with safe_open(str(path), "pt") as f:
+                return [f.get_tensor(n) for n in names]
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise InputError(f"{path}: cannot read ({e})") from None
 
     @property
     def bucket_keys(self) -> list[str]:
@@ -104,17 +185,15 @@ class LatentDataset(Dataset):
         g = self._generator(index)
         flipped = self.flip == "always" or (self.flip == "random" and bool(torch.rand((), generator=g) < 0.5))
         suffix = "_flipped" if flipped else ""
-        try:
-            with safe_open(str(path), "pt") as f:
-                if self.sample_posterior and meta["_posterior"] == "True":
-                    mean, logvar = f.get_tensor("mean" + suffix).float(), f.get_tensor("logvar" + suffix).float()
-                    noise = torch.randn(mean.shape, generator=g)
-                    z = mean + torch.exp(0.5 * logvar) * noise
-                    latent = (z - float(meta.get("shift_factor") or 0)) * float(meta.get("scaling_factor") or 1)
-                else:
-                    latent = f.get_tensor("latent" + suffix).float()
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"{path}: cannot read ({e})") from None
+        if self.sample_posterior and meta["_posterior"] == "True":
+            mean, logvar = (t.float() for t in self._tensors(path, ["mean" + suffix, "logvar" + suffix]))
+            noise = torch.randn(mean.shape, generator=g)
+            z = mean + torch.exp(0.5 * logvar) * noise
+            if meta.get("scaled") != "false":  # model-ready, as the stored `latent` is: (z - shift) * scale
+                z = (z - float(meta.get("shift_factor") or 0)) * float(meta.get("scaling_factor") or 1)
+            latent = z
+        else:
+            latent = self._tensors(path, ["latent" + suffix])[0].float()
         factor = int(meta.get("factor") or 8)
         original = _pair(meta.get("original_size"), (int(meta.get("height") or h * factor),
                                                      int(meta.get("width") or w * factor)))
@@ -128,9 +207,12 @@ class LatentDataset(Dataset):
                 "index": index, "path": str(path)}
 
     @staticmethod
-    def _caption(path: Path, meta: dict) -> str:
-        """The caption: NAME.txt beside the latent file, else beside the source image, else metadata `caption`."""
-        candidates = [path.with_suffix(".txt")]
+    def _caption(path, meta: dict) -> str:
+        """The caption: KEY.txt in the shard, or NAME.txt beside the latent file; else NAME.txt beside the source
+        image; else metadata `caption`; else ""."""
+        if isinstance(path, _Member) and path.caption is not None:
+            return path.read(path.caption).decode("utf-8", "replace").strip()
+        candidates = [] if isinstance(path, _Member) else [path.with_suffix(".txt")]
         if meta.get("source"):
             candidates.append(Path(meta["source"]).with_suffix(".txt"))
         for c in candidates:

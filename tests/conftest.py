@@ -77,6 +77,17 @@ def run_main(capsys, *args, stdin: str | None = None, monkeypatch=None):
     return exit_.value.code, captured.out, captured.err
 
 
+def run_main_argv(argv) -> int:
+    """main(argv) in this process, output left where it goes; returns the exit code."""
+    from latentctl.cli.app import main
+
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def json_lines(text: str) -> list[dict]:
     """One dict per non-empty line of `--json` output (fails on any line that is not JSON)."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import make_tiny_vae, save_weights, tiny_config
+from conftest import json_lines, make_tiny_vae, save_weights, tiny_config
 from diffusers import AutoencoderKL as DiffusersVAE
 from safetensors.torch import save_file
 
@@ -14,36 +14,51 @@ from latentctl.errors import WeightsError
 from latentctl.modules import AutoencoderKL
 from latentctl.registry import load_registry
 
-FAMILIES = ["sd15", "sdxl", "sdxl-fp16-fix", "sd3", "flux", "cogview4"]
+# Each family's VAE as published: its diffusers config.json (block_out_channels, layers_per_block,
+# latent_channels, use_quant_conv, mid_block_add_attention), written out here from the model cards' files,
+# independently of models.toml: sd-vae-ft-mse, sdxl-vae, sdxl-vae-fp16-fix and stable-diffusion-3-medium-diffusers/vae,
+# FLUX.1's ae (AutoEncoderParams: ch 128, ch_mult 1,2,4,4, 2 res blocks, z 16), CogView4-6B/vae.
+PUBLISHED = {
+    "sd15": ((128, 256, 512, 512), 2, 4, True, True),
+    "sdxl": ((128, 256, 512, 512), 2, 4, True, True),
+    "sdxl-fp16-fix": ((128, 256, 512, 512), 2, 4, True, True),
+    "sd3": ((128, 256, 512, 512), 2, 16, False, True),
+    "flux": ((128, 256, 512, 512), 2, 16, False, True),
+    "cogview4": ((128, 512, 1024, 1024), 3, 16, False, False),
+}
+FAMILIES = list(PUBLISHED)
 
 
-def diffusers_state_shapes(entry) -> dict:
-    """The key set and shapes diffusers gives this family's VAE, built on the meta device (full width, no memory)."""
-    a = entry.arch
-    widths = tuple(a["ch"] * m for m in a["ch_mult"])
+def diffusers_state_shapes(family: str) -> dict:
+    """The key set and shapes diffusers gives this family's published VAE, on the meta device (no memory)."""
+    widths, layers, latent, quant, mid_attn = PUBLISHED[family]
     n = len(widths)
     with torch.device("meta"):
-        vae = DiffusersVAE(block_out_channels=widths, layers_per_block=a["num_res_blocks"],
-                           latent_channels=a["z_channels"], down_block_types=("DownEncoderBlock2D",) * n,
-                           up_block_types=("UpDecoderBlock2D",) * n, use_quant_conv=a["quant_conv"],
-                           use_post_quant_conv=a["quant_conv"], mid_block_add_attention=a["mid_attn"] != "none")
+        vae = DiffusersVAE(block_out_channels=widths, layers_per_block=layers, latent_channels=latent,
+                           down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                           use_quant_conv=quant, use_post_quant_conv=quant, mid_block_add_attention=mid_attn)
     return vae.state_dict()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inference_recovers_each_family(family):
-    entry = load_registry()[family]
-    sd = diffusers_to_ldm(diffusers_state_shapes(entry))
+    """The architecture read from each published layout is the published one; models.toml's entry agrees with it."""
+    widths, layers, latent, quant, mid_attn = PUBLISHED[family]
+    sd = diffusers_to_ldm(diffusers_state_shapes(family))
     got = infer_config(sd, family)
-    a = entry.arch
-    assert (got.ch, got.ch_mult, got.num_res_blocks) == (a["ch"], tuple(a["ch_mult"]), a["num_res_blocks"])
-    assert got.z_channels == got.latent_channels == a["z_channels"]
-    assert got.use_quant_conv == got.use_post_quant_conv == a["quant_conv"]
-    assert got.mid_attn == a["mid_attn"]
+    assert tuple(got.ch * m for m in got.ch_mult) == widths and got.num_res_blocks == layers
+    assert got.z_channels == got.latent_channels == latent
+    assert got.use_quant_conv == got.use_post_quant_conv == quant
+    assert got.mid_attn == ("vanilla" if mid_attn else "none")
     # and the network built from the inferred config has exactly that key set and those shapes
     with torch.device("meta"):
         ours = AutoencoderKL(got).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    # models.toml declares the same architecture (it is checked against weights at load)
+    declared = load_registry()[family].config()
+    assert (declared.ch, declared.ch_mult, declared.num_res_blocks, declared.latent_channels,
+            declared.use_quant_conv, declared.mid_attn) == (got.ch, got.ch_mult, got.num_res_blocks,
+                                                              got.latent_channels, got.use_quant_conv, got.mid_attn)
 
 
 def test_inference_of_the_linear_attention_layout():
@@ -128,8 +143,12 @@ def test_hf_cache_lookup_offline(tiny_ldm, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     assert latentctl.load("sd15")[1].weights == str(dest)
     # and what is missing is said clearly, in one line, with what to do
-    r = cli("models", env={"HF_HOME": str(tmp_path)})
-    assert r.returncode == 0
+    r = cli("models", "--json", env={"HF_HOME": str(tmp_path), "HF_HUB_CACHE": ""})
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json_lines(r.stdout)}
+    assert rows["sd15"]["weights_found"] is True and rows["sd15"]["weights"] == str(dest)
+    assert rows["sdxl"]["weights_found"] is False
+    assert rows["sdxl"]["weights"] == "stabilityai/sdxl-vae/diffusion_pytorch_model.safetensors"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     with pytest.raises(WeightsError, match=r"sdxl.*not found.*sdxl-vae/diffusion_pytorch_model.safetensors.*models pull sdxl"):
         latentctl.load("sdxl")

@@ -1,11 +1,12 @@
-"""The shipped default model does its job: it loads (hash checked), beats the bicubic reference on a held-out
-photo, and keeps its quality in bf16."""
+"""The shipped default model does its job: it loads (hash checked), beats the bicubic reference on every held-out
+photo as README says, and keeps its quality in bf16."""
 
-import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import json_lines
 from PIL import Image
 
 import latentctl
@@ -29,18 +30,31 @@ def test_default_model_is_shipped_with_its_hash():
     assert info.name == "default" and info.weights_sha256 == entry.sha256
 
 
-@pytest.mark.slow
-def test_roundtrip_of_a_held_out_photo_beats_bicubic(tmp_path, cli):
-    """scikit-learn's china.jpg is never used in training; the latent keeps 4 numbers per 8x8 block, bicubic 3."""
-    from sklearn.datasets import load_sample_image  # test extra: the held-out photo
+def held_out_photos() -> dict:
+    """The photos README's quality table measures, never read in training (test extra: scikit-learn, matplotlib)."""
+    from matplotlib import cbook
+    from sklearn.datasets import load_sample_image
 
-    img = load_sample_image("china.jpg")
-    Image.fromarray(img).save(tmp_path / "china.png")
-    r = cli("roundtrip", tmp_path / "china.png", "--json", "--device", "cpu")
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as im:
+        grace = np.asarray(im.convert("RGB"))
+    return {"china": load_sample_image("china.jpg"), "flower": load_sample_image("flower.jpg"),
+            "grace_hopper": grace}
+
+
+@pytest.mark.slow
+def test_roundtrip_of_every_held_out_photo_beats_bicubic(tmp_path, cli):
+    """README: above the bicubic 8x reference on every held-out photo and >= +1.5 dB on average (the latent keeps
+    4 numbers per 8x8 block, bicubic 3). Measured through `latentctl roundtrip --json` in a fresh process; the
+    reference PSNR is computed here with PIL and numpy."""
+    photos = held_out_photos()
+    for name, img in photos.items():
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+    r = cli("roundtrip", *(tmp_path / f"{name}.png" for name in photos), "--json", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout.splitlines()[0])
-    reference = bicubic_psnr(img)
-    assert row["psnr"] > reference, (row, reference)
+    ours = {Path(row["input"]).stem: row["psnr"] for row in json_lines(r.stdout)}
+    margins = {name: ours[name] - bicubic_psnr(img) for name, img in photos.items()}
+    assert all(m > 0 for m in margins.values()), margins
+    assert sum(margins.values()) / len(margins) >= 1.5, margins
 
 
 @pytest.mark.slow
@@ -63,5 +77,6 @@ def test_bf16_roundtrip_is_within_a_tenth_of_a_db_of_fp32():
             out[dtype] = decode_batch(vae, encode_batch(vae, x, opts).mean, opts).clamp(-1, 1)
         quality = {d: psnr((o + 1) / 2, (x + 1) / 2) for d, o in out.items()}
         assert abs(quality[torch.bfloat16] - quality[torch.float32]) < 0.1, (name, quality)
-        # the same picture, not only an equally good one (54.7 dB measured)
-        assert psnr((out[torch.bfloat16] + 1) / 2, (out[torch.float32] + 1) / 2) > 45, name
+        # the same picture, not only an equally good one (54.7 dB measured), and not the same bits: bf16 ran
+        # (identical outputs would be infinite dB; bf16's 8-bit mantissa cannot come near 80)
+        assert 45 < psnr((out[torch.bfloat16] + 1) / 2, (out[torch.float32] + 1) / 2) < 80, name

@@ -22,6 +22,7 @@ from latentctl import AEConfig, AutoencoderKL
 from latentctl.cli.app import main
 from latentctl.dist import ranks
 from latentctl.dist.claims import Claims, claim_path
+from latentctl.pipeline import plan_encode
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12  # images
@@ -102,7 +103,9 @@ def same_latents(a: Path, b: Path, exact: bool = False) -> None:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob(".*"))
+    """Hidden files left in an output folder (claims, temp files) besides the progress records."""
+    return sorted(p.name for p in folder.rglob(".*")
+                  if ".latentctl-progress" not in p.parts and p.name != ".latentctl-index.lock")
 
 
 # --- ranks ---------------------------------------------------------------------------------------------------
@@ -189,6 +192,9 @@ def test_torchrun_two_ranks_write_the_single_process_bytes(imgs, tiny, tmp_path)
     done = [r["output"] for r in records(ranked.stdout)]
     assert len(done) == N and len(set(done)) == N
     same_latents(tmp_path / "one", tmp_path / "two", exact=True)
+    import pyarrow.parquet as pq  # both ranks merged their rows into one index (one at a time)
+    rows = pq.read_table(tmp_path / "two" / "index.parquet").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(outputs(tmp_path / "one")) and {r["status"] for r in rows} == {"ok"}
 
 
 # --- claims ----------------------------------------------------------------------------------------------------
@@ -262,3 +268,131 @@ def test_two_concurrent_runs_split_the_work(imgs, tiny, single, tmp_path):
     print("outputs encoded per run:", [sum(r["status"] == "ok" for r in records(o)) for o, _ in results])
     same_latents(single, out)
     assert leftovers(out) == []
+    from latentctl.dist.progress import read, summarize
+    job = summarize(read(out))  # the two runs' records count every item once
+    assert (job.total, job.done, job.ok, job.ranks[0].runs) == (N, N, N, 2)
+
+
+# --- progress across ranks -------------------------------------------------------------------------------------
+
+def test_status_counts_a_job_of_ranks_reruns_and_concurrent_runs():
+    from latentctl.dist.progress import RunProgress, summarize
+    now = 1000.0
+
+    def run(rank, ok, started, updated, skipped=0, by_others=0, failed=0, finished=False, total=50):
+        return RunProgress(rank, 2, 100, total, ok=ok, skipped=skipped, by_others=by_others, failed=failed,
+                           started=started, updated=updated, finished=finished)
+    runs = [
+        run(0, 20, 0, 400, failed=2),                 # rank 0 died at 400 s after 20 ok, 2 failed ...
+        run(0, 10, 500, 990, skipped=20),             # ... rerun: found those 20, did 10 more in 490 s
+        run(1, 15, 600, 990, failed=1),               # rank 1 and a second run sharing its part:
+        run(1, 5, 800, 995, skipped=3, by_others=3),  # 3 of its skips were written by the first meanwhile
+        RunProgress(0, 4, 999, 999, ok=999, started=0, updated=10, finished=True),  # another job: ignored
+    ]
+    job = summarize(runs, now)
+    assert (job.world, job.total) == (2, 100)
+    r0, r1 = job.ranks
+    assert (r0.done, r0.ok, r0.failed, r0.runs, r0.state) == (30, 30, 0, 2, "running")  # 0 + 20 + 10; failures redone
+    assert (r1.done, r1.failed) == (21, 1)                                              # 0 + 15 + 5 + 1
+    assert job.done == 51
+    assert job.rate == pytest.approx(10 / 490 + 15 / 390 + 5 / 195)
+    assert job.eta == pytest.approx(49 / job.rate)
+    job = summarize(runs, now + 100)  # nothing recorded for 100 s: stopped, no ETA
+    assert {r.state for r in job.ranks} == {"stopped"} and job.rate == 0 and job.eta is None
+    assert job.ranks[0].rate == pytest.approx(30 / (400 + 490))  # a rank not running: its average
+
+
+def test_status_command_reads_the_ranks_progress(imgs, tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(capsys, "encode", imgs, "-o", out, "-w", tiny, "--shard", "0/2", "-q")[0] == 0
+    code, text, _ = cli(capsys, "status", out, "--json")
+    job = json.loads(text)
+    rank0 = len(ranks.select(plan_encode([str(imgs)], out), ranks.Rank(0, 2), "bytes"))  # what rank 0 was given
+    assert code == 0 and (job["world"], job["total"], job["done"]) == (2, N, rank0)
+    assert 0 < rank0 < N and job["eta"] is None and [r["state"] for r in job["ranks"]] == ["finished"]
+    assert cli(capsys, "encode", imgs, "-o", out, "-w", tiny, "--shard", "1/2", "-q")[0] == 0
+    code, text, _ = cli(capsys, "status", out)
+    assert code == 0 and f"job: {N}/{N} done (100.0%), 0 failed" in text and "ETA 0m00s" in text
+    code, _, err = cli(capsys, "status", tmp_path)
+    assert code == 2 and "no progress records" in err
+
+
+# --- the Ray engine ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, no dashboard) for the Ray tests of this module."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def ray_encode(imgs, tiny, out, report=None):
+    from latentctl import load
+    from latentctl.engines import ray as engine
+    from latentctl.pipeline import Options
+    vae, info = load(None, weights=str(tiny), device="cpu")
+    items = plan_encode([str(imgs)], out)
+    return engine.encode_files(vae, info, items, Options(workers=2), report=report)
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_single_process_outputs(imgs, tiny, single, tmp_path, capsys, ray_cluster):
+    """`encode --engine ray` (here on the module's local cluster): the single process's files, each item once,
+    its progress in `status`; a rerun skips everything (the same resume rule)."""
+    out = tmp_path / "out"
+    code, text, err = cli(capsys, "encode", imgs, "-o", out, "-w", tiny, "--engine", "ray", "--json")
+    assert code == 0, err
+    assert sorted(r["output"] for r in records(text) if r["status"] == "ok") == sorted(
+        str(out / k) for k in outputs(single))
+    same_latents(single, out)
+    assert leftovers(out) == []
+    code, text, _ = cli(capsys, "status", out, "--json")
+    assert json.loads(text)["done"] == N
+    summary = ray_encode(imgs, tiny, out)
+    assert (summary.ok, summary.skipped) == (0, N)
+
+
+def test_engine_flags_are_checked(imgs, tiny, tmp_path, capsys):
+    code, _, err = cli(capsys, "encode", imgs, "-o", tmp_path, "-w", tiny, "--engine", "spark")
+    assert code == 2 and "--engine 'spark': choose threads, ray" in err
+    code, _, err = cli(capsys, "encode", imgs, "-o", tmp_path, "-w", tiny, "--ray-address", "auto")
+    assert code == 2 and "--ray-address goes with --engine ray" in err
+
+
+def _actor_pids() -> list[int]:
+    """Processes of Ray Data's model actors (their title names the actor class)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "MapWorker" in title and "_Encoder" in title:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_actor_killed_mid_run_still_writes_every_output_once(imgs, tiny, single, tmp_path, ray_cluster):
+    """SIGKILL of the model actor after its first results: Ray restarts it and retries its batch; the run ends
+    with every item reported once, every output complete and equal to the single process's."""
+    import signal
+    killed = []
+
+    def report(record):
+        seen.append(record)
+        if not killed:
+            for pid in set(_actor_pids()) - before:  # this run's actor, not one of an earlier run still exiting
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, len(seen)))
+    seen, before = [], set(_actor_pids())
+    summary = ray_encode(imgs, tiny, tmp_path / "out", report)
+    assert killed, "no actor process found to kill"
+    assert len(seen) == N and killed[0][1] < N  # each item reported once, some of them after the kill
+    assert (summary.ok, summary.failed) == (N, 0)
+    assert sorted(r.output for r in seen) == sorted(str(tmp_path / "out" / k) for k in outputs(single))
+    same_latents(single, tmp_path / "out")
+    assert leftovers(tmp_path / "out") == []

@@ -73,9 +73,13 @@ Shard = typer.Option(None, "--shard", help="Do part K of N (K from 0), e.g. 0/4:
                                            "every input once. Default: from torchrun (RANK, WORLD_SIZE) or SLURM "
                                            "(SLURM_PROCID, SLURM_NTASKS), else everything.")
 ShardBy = typer.Option("bytes", "--shard-by", help="Balance the N parts by input bytes (default) or by count.")
+Engine = typer.Option("threads", "--engine", help="threads: this process (default) | ray: a Ray Data pipeline "
+                                                  "(pip install 'latentctl[ray]'), on a local cluster or --ray-address.")
+RayAddress = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray (e.g. auto, "
+                                                      "ray://head:10001); default: start a local one.")
 
-__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End",
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End", "Engine",
            "FailFast", "Flip", "Fps", "FrameStep", "ImageFormat", "Json", "LatentDtype", "MaxFrames", "MaxMemory",
-           "MaxPixels", "Model", "ModelsFile", "Optional", "Overwrite", "Path", "Quality", "Quiet", "Resize",
+           "MaxPixels", "Model", "ModelsFile", "Optional", "Overwrite", "Path", "Quality", "Quiet", "RayAddress", "Resize",
            "ScalingFactor", "Seed", "Shard", "ShardBy", "ShiftFactor", "SpillDir", "Start",
            "Store", "Tile", "TileSize", "TooSmall", "Weights", "Workers"]

@@ -134,9 +134,10 @@ def _load_model(model, weights, models, device, attn, download, **kw):
 
 
 def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, quiet: bool, rank=None,
-             **extra) -> None:
+             progress=None, **extra) -> None:
     """Run fn (encode_files, ...) with the progress bar, error lines and JSON records; exit with the right code.
-    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `extra` goes to fn."""
+    With a rank of several (cli/scale.py) `items` is that rank's part, possibly empty; `progress` (a
+    dist.progress.ProgressWriter) gets every record; `extra` goes to fn."""
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
     # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
@@ -157,6 +158,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
     def report(record: run.Record) -> None:
+        if progress is not None:
+            progress.add(record)
         if record.status == "error":
             output.error(f"{record.input}: {record.error}")
         elif record.status == "skipped" and record.error:  # skipped on purpose, with the reason (never silent)
@@ -176,8 +179,11 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     try:
         if bar is not None:
             bar.start()
+        summary = None
         summary = fn(vae, info, items, options, report=report, warn=output.warning, stop=stop, **extra)
     finally:
+        if progress is not None:
+            progress.close(finished=summary is not None and not summary.interrupted)
         if bar is not None:
             bar.stop()
         for s, h in handlers.items():
@@ -234,7 +240,8 @@ def encode(inputs: list[str] = Inputs,
                                   "--shard-size images each, with NAME_stats.json written last."),
            shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--to wds from loose files: images "
                                                     f"per output shard (default {datasets.DEFAULT_SHARD_SIZE})."),
-           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
+           shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy, engine: str = opt.Engine,
+           ray_address: Optional[str] = opt.RayAddress):
     """Encode images and clips to latent .safetensors files (one per image or clip; a clip's `latent` is
     (T, C, h, w)), or images to WebDataset shards (--to wds); complete outputs are skipped on a rerun.
     OUT/index.parquet lists every image latent."""
@@ -243,6 +250,7 @@ def encode(inputs: list[str] = Inputs,
     api.weights_settings(model, weights=weights, models_file=models, download=download,
                          scaling_factor=scaling_factor, shift_factor=shift_factor).require_scale()
     rank, device = scale.setup(shard, shard_by, device)
+    fn, engine_args = scale.engine(engine, ray_address)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite,
@@ -252,13 +260,19 @@ def encode(inputs: list[str] = Inputs,
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
+    planned = []  # how many items the whole job has (every rank's part)
     items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
-                                       stdin_lines=_stdin(inputs), part=lambda xs: scale.part(xs, rank, shard_by))
+                                       stdin_lines=_stdin(inputs), part=scale.counted(planned, rank, shard_by))
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
-    if isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+    if fn is not None:  # --engine ray: image files to latent files
+        scale.check_engine_items(items, to)
+        _execute("encode", fn, vae, info, items, options, json, quiet, rank,
+                 scale.progress(out, rank, planned, items, None), **engine_args)
+    elif isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
+        claims = Claims()
         _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
-                 json, quiet, rank, claims=Claims(), sink=sink)
+                 json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims, sink=sink)
     else:  # streamed shards, or shards out: ranks split whole shards
         _execute("encode", run.encode_files, vae, info, items, options, json, quiet, rank, sink=sink)
 
@@ -290,9 +304,10 @@ def decode(inputs: list[str] = Inputs,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None, **_format(image_format, quality))
     stdin_lines = _stdin(inputs)
+    planned = []  # how many items the whole job has
     items, sink = datasets.plan_decode(inputs, _out_dir(out), image_format=options.image_format,
                                        clip_format=_clip_format(image_format), stdin_lines=stdin_lines,
-                                       part=lambda xs: scale.part(xs, rank, shard_by))
+                                       part=scale.counted(planned, rank, shard_by))
     if not isinstance(items, list):  # latent shards: one model for the stream, the one its first sample records
         if model is None:
             meta = datasets.first_latent_metadata(inputs, stdin_lines) or {}
@@ -305,9 +320,12 @@ def decode(inputs: list[str] = Inputs,
         _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
         return
     decode_files = functools.partial(media.decode_files, clip_format=_clip_format(image_format))
+    claims = Claims()
+    progress = scale.progress(out, rank, planned, items, claims)
     if model is not None:   # one named model for every file, whatever they record
         vae, info = _load_model(model, weights, models, device, attn, download)
-        _execute("decode", decode_files, vae, info, items, options, json, quiet, rank, claims=Claims(), sink=sink)
+        _execute("decode", decode_files, vae, info, items, options, json, quiet, rank, progress, claims=claims,
+                 sink=sink)
         return
 
     def load(name, path):
@@ -318,7 +336,7 @@ def decode(inputs: list[str] = Inputs,
         return by_model.decode_by_model(items, options, load, decode=decode_files, fallback=weights,
                                         models_file=models, **kw)
 
-    _execute("decode", per_file, None, None, items, options, json, quiet, rank, claims=Claims(), sink=sink)
+    _execute("decode", per_file, None, None, items, options, json, quiet, rank, progress, claims=claims, sink=sink)
 
 
 def roundtrip(inputs: list[str] = Inputs,

@@ -77,8 +77,8 @@ def split(items: list, count: int, *, by: str = "count", size=None) -> list[list
     """The N parts of `items`, each in the list's order. Deterministic for a given list.
 
     by="count": item i goes to part i mod N (sizes differ by at most one).
-    by="bytes": largest first, each to the part with the fewest bytes so far (ties: the lower part); every part
-    then ends within one item's size of the mean. size(item) -> bytes (0 for an item that cannot be read).
+    by="bytes": largest first, each to the part with the fewest bytes so far (ties: fewer items, then the lower
+    part); the parts' bytes then differ by at most the largest item. size(item) -> bytes (0 for an item that cannot be read).
     """
     if by not in BY:
         raise UsageError(f"--shard-by {by!r}: choose {', '.join(BY)}")
@@ -89,12 +89,12 @@ def split(items: list, count: int, *, by: str = "count", size=None) -> list[list
         owner = [i % count for i in range(len(items))]
     else:
         sizes = [size(item) for item in items]
-        loads = [(0, part) for part in range(count)]  # a heap of (bytes so far, part)
+        loads = [(0, 0, part) for part in range(count)]  # a heap of (bytes so far, items so far, part)
         heapify(loads)
         for i in sorted(range(len(items)), key=lambda i: (-sizes[i], i)):
-            total, part = loads[0]
+            total, n, part = loads[0]
             owner[i] = part
-            heapreplace(loads, (total + sizes[i], part))
+            heapreplace(loads, (total + sizes[i], n + 1, part))
     parts = [[] for _ in range(count)]
     for i, item in enumerate(items):
         parts[owner[i]].append(item)

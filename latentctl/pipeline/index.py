@@ -7,9 +7,12 @@ Columns: key; where the latent is (path: a file under OUT, or a shard `NAME.tar`
 the member's bytes in it); shape (C, h, w); source and source_sha256 (the image it came from); caption (a
 carried .txt member); status (ok | error) and error. Written atomically at the end of a run and merged with
 what earlier runs wrote: shards keep their rows in NAME.parquet (written before their stats), so the index can
-always be rebuilt from the shards that are done.
+always be rebuilt from the shards that are done. Ranks and runs sharing OUT merge one at a time (an flock on
+OUT/.latentctl-index.lock), so each rank's rows join the others' and the last one to finish leaves the whole index.
 """
 
+import contextlib
+import fcntl
 import io
 import json
 from pathlib import Path
@@ -57,10 +60,27 @@ def read(path: Path) -> list[dict]:
     return pq.read_table(str(path)).to_pylist()
 
 
+@contextlib.contextmanager
+def _merging(out_dir: Path):
+    """One merge at a time in OUT/ (concurrent ranks would otherwise lose each other's rows)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".latentctl-index.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def merge_files(out_dir: Path, new_rows: list[dict]) -> None:
     """One-file-per-latent layout: this run's rows replace earlier rows of the same path (or the same key, for
     an input that failed); earlier rows whose file still exists stay."""
     out_dir = Path(out_dir)
+    with _merging(out_dir):
+        _merge_files(out_dir, new_rows)
+
+
+def _merge_files(out_dir: Path, new_rows: list[dict]) -> None:
     old = []
     if (out_dir / NAME).exists():
         try:
@@ -89,9 +109,10 @@ def done_shards(out_dir: Path) -> list[str]:
 def merge_shards(out_dir: Path) -> None:
     """Shard layout: the index is every done shard's NAME.parquet, in shard order."""
     out_dir = Path(out_dir)
-    rows = []
-    for name in done_shards(out_dir):
-        part = out_dir / f"{name}.parquet"
-        if part.exists():
-            rows += read(part)
-    write(out_dir / NAME, rows)
+    with _merging(out_dir):
+        rows = []
+        for name in done_shards(out_dir):
+            part = out_dir / f"{name}.parquet"
+            if part.exists():
+                rows += read(part)
+        write(out_dir / NAME, rows)

@@ -253,6 +253,18 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
+def item_error(item_or_job, error) -> Record:
+    """The error Record of an item (or a job) from a message or an exception."""
+    item = getattr(item_or_job, "item", item_or_job)
+    seconds = getattr(item_or_job, "seconds", 0.0)
+    if isinstance(error, (str, InputError)):
+        return _error(item, str(error), seconds)
+    return _error(item, f"{type(error).__name__}: {_first_line(error)}", seconds)
+
+
+load_item, compute_items, finish_item = _load, _compute, _finish  # the same per-item rules for other engines
+
+
 def _drive(items: Iterable[Item], check, load, compute, finish, options: Options, report, stop,
            claims=None) -> Summary:
     """Every item once (from a list, or a generator that streams them: tar shards), through load -> compute -> finish. With `claims` (latentctl/dist/claims.py) each item is
@@ -378,7 +390,8 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
 
 # --- encode ---------------------------------------------------------------------------------------------------
 
-def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int | None = None) -> _Job:
+def load_image_job(item: Item, factor: int, options: Options, seed: int | None = None) -> _Job:
+    """Read, decode and prepare one image (no model needed: a Ray read task calls it)."""
     try:
         data = item.data if item.data is not None else item.path.read_bytes()
     except OSError as e:
@@ -387,7 +400,7 @@ def _load_image_job(item: Item, vae: AutoencoderKL, options: Options, seed: int 
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
     info = {"loaded": loaded, "sha256": hashlib.sha256(data).hexdigest()}
     if options.buckets is None:
-        x, info["geometry"] = images.prepare(loaded.rgb, factor=vae.config.factor, resize=options.resize,
+        x, info["geometry"] = images.prepare(loaded.rgb, factor=factor, resize=options.resize,
                                              center_crop=options.center_crop)
     else:  # aspect buckets: latentctl/buckets.py decides the size and the crop
         x, p = bucketing.prepare(loaded.rgb, options.buckets, crop=options.crop, too_small=options.too_small,
@@ -498,15 +511,30 @@ def _through(sink, items: Iterable[Item], report):
     return map(sink.place, items) if not hasattr(items, "__len__") else [sink.place(i) for i in items], reported
 
 
-def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
-                 stop: threading.Event | None = None, sink=None, claims=None) -> Summary:
-    """Encode images to latents (items from plan_encode, or any iterable of Items: datasets.plan streams tar
-    shards). `info` is api.load()'s ModelInfo. `sink` (sinks.py) says where they go: one file each by default."""
+@dataclass
+class Steps:
+    """What a command does to one item, for any engine: check(item) -> resume state, load(item) -> _Job,
+    compute(jobs) -> a result or Exception per job, finish(job, result) -> Record (writes through the sink)."""
+
+    check: object
+    load: object
+    compute: object
+    finish: object
+    seed: int | None = None
+
+
+def image_loader(factor: int, options: Options, seed=None):
+    return lambda item: load_image_job(item, factor, options, seed)
+
+
+def encode_steps(vae: AutoencoderKL, info, options: Options, sink, *, warn=None, seed=None) -> Steps:
+    """encode's steps, writing through `sink` (opened here). seed: the run's seed for store=sample (None: the
+    given one, or a fresh draw)."""
     warn = warn or (lambda message: None)
     if getattr(info, "settings", None) == "unknown":
         raise UsageError(f"{info.weights}: no latent scale known for these weights; load them with a model name "
                          "or scaling_factor= (and shift_factor=) before writing latents")
-    seed = _run_seed(options)
+    seed = seed if seed is not None else _run_seed(options)
     settings = _encode_settings(vae, info, options, seed)
     weights = str(Path(info.weights).resolve()) if Path(info.weights).exists() else info.weights
     info = replace(info, weights=weights)  # recorded absolute, so decode finds it from any folder
@@ -533,16 +561,23 @@ def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Optio
                            {"shape": shape, "source": meta["source"], "source_sha256": meta["source_sha256"]})
         return Record(job.item.source, where, "ok", shape=shape)
 
-    sink = sink if sink is not None else FileSink(None)
     sink.open(settings, lambda path: latents.check(path, settings))
+    return Steps(sink.check, image_loader(vae.config.factor, options, seed), compute, finish, seed)
+
+
+def encode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
+                 stop: threading.Event | None = None, sink=None, claims=None) -> Summary:
+    """Encode images to latents (items from plan_encode, or any iterable of Items: datasets.plan streams tar
+    shards). `info` is api.load()'s ModelInfo. `sink` (sinks.py) says where they go: one file each by default."""
+    sink = sink if sink is not None else FileSink(None)
+    steps = encode_steps(vae, info, options, sink, warn=warn)
     items, report = _through(sink, items, report)
     summary = None
     try:
-        summary = _drive(items, sink.check, lambda item: _load_image_job(item, vae, options, seed), compute,
-                         finish, options, report, stop, claims)
+        summary = _drive(items, steps.check, steps.load, steps.compute, steps.finish, options, report, stop, claims)
     finally:
         sink.close(summary is None or summary.interrupted)
-    summary.seed = seed
+    summary.seed = steps.seed
     return summary
 
 
@@ -686,7 +721,7 @@ def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Option
         return Record(job.item.source, str(job.item.output) if job.item.output else None, "ok",
                       shape=[3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
 
-    summary = _drive(items, None, lambda item: _load_image_job(item, vae, options), compute, finish,
+    summary = _drive(items, None, image_loader(vae.config.factor, options), compute, finish,
                      options, report, stop)
     summary.seed = seed
     return summary
