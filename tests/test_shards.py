@@ -133,6 +133,29 @@ def test_tar_shards_to_files_equal_loose_files_and_carry_members(shards, weights
     assert not list(out.rglob("*.parquet.*")) and not (out / "00000_stats.json").exists()
 
 
+def test_shards_written_by_webdatasets_shardwriter(weights, tmp_path, capsys):
+    import webdataset as wds
+
+    (tmp_path / "in").mkdir()
+    with wds.ShardWriter(str(tmp_path / "in" / "part-%04d.tar"), maxcount=2) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"s{i:03d}", "jpg": _jpeg(i), "txt": f"caption {i}"})
+    code, _, err = cli(capsys, "encode", f"{tmp_path}/in/part-{{0000..0001}}.tar", "-o", tmp_path / "out",
+                       "-w", weights, "--to", "wds")
+    assert code == 0 and "3 ok" in err, err
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(3):
+        (loose / f"s{i:03d}.jpg").write_bytes(_jpeg(i))
+    assert cli(capsys, "encode", loose, "-o", tmp_path / "ref", "-w", weights, "-q")[0] == 0
+    got = {s["__key__"]: s for s in wds.WebDataset(f"{tmp_path}/out/part-{{0000..0001}}.tar", shardshuffle=False)}
+    assert sorted(got) == ["s000", "s001", "s002"]
+    for key, sample in got.items():
+        want = st_load((tmp_path / "ref" / f"{key}.safetensors").read_bytes())["latent"]
+        assert torch.equal(st_load(sample["latent.safetensors"])["latent"], want)
+        assert sample["txt"] == f"caption {int(key[1:])}".encode()
+
+
 # --- tar shards out -------------------------------------------------------------------------------------------
 
 def test_wds_output_read_by_webdataset_equals_per_file_mode(shards, weights, tmp_path, capsys):
@@ -255,3 +278,95 @@ def test_a_member_over_the_size_limit_is_not_read(tmp_path):
     items = list(sources.samples(shard, max_member=1000))
     assert [(i.key, i.error is not None) for i in items] == [("a", True), ("b", False)]
     assert "5000 bytes (limit 1000)" in items[0].error and items[1].data == b"y" * 10 and shard.total == 2
+
+
+# --- decode, verify, kill -9 --------------------------------------------------------------------------------------
+
+def test_latent_shards_decode_like_per_file_latents(shards, weights, tmp_path, capsys):
+    wds_out, files_out = tmp_path / "wds", tmp_path / "files"
+    assert cli(capsys, "encode", shards, "-o", wds_out, "-w", weights, "--to", "wds", "-q")[0] == 0
+    assert cli(capsys, "encode", shards, "-o", files_out, "-w", weights, "-q")[0] == 0
+    code, _, err = cli(capsys, "decode", wds_out, "-o", tmp_path / "img-wds", "-q")  # model from the metadata
+    assert code == 0, err
+    assert cli(capsys, "decode", files_out, "-o", tmp_path / "img-files", "-q")[0] == 0
+    for s in range(2):
+        for i in range(3):
+            key = f"{s}{i:04d}"
+            a = np.asarray(Image.open(tmp_path / "img-wds" / f"{s:05d}" / f"{key}.png"))
+            b = np.asarray(Image.open(tmp_path / "img-files" / f"{s:05d}" / f"{key}.png"))
+            assert a.shape == (16, 24 + 8 * (i % 2), 3) and np.array_equal(a, b)
+            assert (tmp_path / "img-wds" / f"{s:05d}" / f"{key}.txt").read_bytes() == _caption(s, i)
+
+
+def _nan_in_member(out: Path, row: dict) -> None:
+    """Overwrite the first latent value of an indexed shard member with an fp16 NaN (the tar stays valid)."""
+    with open(out / row["path"], "r+b") as f:
+        f.seek(row["offset"])
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(row["offset"] + 8 + n)
+        f.write(b"\x00\x7e")
+
+
+def test_verify_passes_a_good_cache_and_catches_corruption(shards, weights, tmp_path, capsys):
+    out, files = tmp_path / "wds", tmp_path / "files"
+    assert cli(capsys, "encode", shards, "-o", out, "-w", weights, "--to", "wds", "-q")[0] == 0
+    assert cli(capsys, "encode", shards, "-o", files, "-w", weights, "-q")[0] == 0
+    code, stdout, err = cli(capsys, "verify", out, "--sources", "--json")
+    assert code == 0 and "6 latents ok in 2 shards" in err and "0 problems" in err, err
+    assert len(stdout.splitlines()) == 6
+    assert cli(capsys, "verify", files, "--sources")[0] == 0
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    _nan_in_member(out, rows[0])                                           # a NaN in a latent
+    data_ = (out / "00001.tar").read_bytes()
+    (out / "00001.tar").write_bytes(data_[:len(data_) // 2])              # a shard cut in half
+    (files / "00000" / "00001.safetensors").write_bytes(b"garbage")        # a file that is not a latent
+    (files / "00001" / "10000.safetensors").unlink()                       # a file the index lists, gone
+    code, _, err = cli(capsys, "verify", out)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1, err
+    assert any("NaN/inf" in line and f"00000.tar:{rows[0]['key']}" in line for line in errors), errors
+    assert any("00001.tar" in line and "truncated" in line for line in errors), errors
+    assert any("00001.tar" in line and "stats say 3" in line for line in errors), errors
+    assert "Traceback" not in err
+    code, _, err = cli(capsys, "verify", files)
+    assert code == 1
+    assert "00001.safetensors: not a readable safetensors file" in err
+    assert "10000.safetensors: listed in index.parquet, but missing" in err
+    # a source changed since it was encoded
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"")
+    Image.fromarray(data.camera()[:16, :24]).save(src / "a.png")
+    assert cli(capsys, "encode", src, "-o", tmp_path / "lat", "-w", weights, "-q")[0] == 0
+    Image.fromarray(data.camera()[16:32, :24]).save(src / "a.png")
+    code, _, err = cli(capsys, "verify", tmp_path / "lat", "--sources")
+    assert code == 1 and "has changed since it was encoded" in err
+
+
+@pytest.mark.slow
+def test_kill_9_mid_shard_then_rerun_every_sample_once(weights, tmp_path):
+    import webdataset as wds
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for s in range(2):
+        _shard(src / f"{s:05d}.tar", [(f"{s}{i:04d}", {"jpg": _jpeg(i, (48, 32)), "txt": b"c"}) for i in range(10)])
+    cmd = [sys.executable, "-m", "latentctl", "encode", src, "-o", out, "-w", weights, "--to", "wds",
+           "--batch-size", "1", "--workers", "1", "-q"]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        temps = list(out.glob(".*.latentctl-tmp")) if out.exists() else []
+        if (out / "00000_stats.json").exists() and temps and temps[0].stat().st_size > 0:
+            break  # one shard done, the next one half-written
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    visible = sorted(p.name for p in out.glob("*.tar"))
+    assert visible and all((out / f"{p[:-4]}_stats.json").exists() for p in visible)  # no partial shard shows
+    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob(".*latentctl-tmp"))
+    keys = [s["__key__"] for s in wds.WebDataset(f"{out}/{{00000..00001}}.tar", shardshuffle=False)]
+    assert sorted(keys) == sorted(f"{s}{i:04d}" for s in range(2) for i in range(10))  # each exactly once
+    assert len(pq.read_table(out / "index.parquet")) == 20

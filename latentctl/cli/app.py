@@ -14,16 +14,18 @@ from .bench_cmd import bench
 from .models_cmd import info, models_app
 from .pipeline_cmds import decode, encode, roundtrip
 from .status_cmd import status
+from .verify_cmd import verify
 
 app = typer.Typer(name="latentctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Images to VAE latents and back, fast and exactly. "
-                       "encode | decode | roundtrip | bench | status | models | info")
+                       "encode | decode | roundtrip | verify | bench | status | models | info")
 app.add_typer(models_app, name="models")
 app.command("info")(info)
 app.command("encode")(encode)
 app.command("decode")(decode)
 app.command("roundtrip")(roundtrip)
 app.command("bench")(bench)
+app.command("verify")(verify)
 app.command("status")(status)
 
 

@@ -41,6 +41,13 @@ AlphaBackground = typer.Option("white", "--alpha-background", help="Colour trans
 MaxPixels = typer.Option(100_000_000, "--max-pixels", help="Refuse images with more pixels than this (read from the "
                                                            "header, before decoding).")
 Overwrite = typer.Option(False, "--overwrite", help="Redo outputs that already exist (default: skip complete ones).")
+VerifySources = typer.Option(False, "--verify-sources", help="On a rerun, hash every source to decide whether its "
+                             "output is still current (default: only when its size or mtime changed).")
+KeepExt = typer.Option(False, "--keep-ext", help="Keep the input's extension in output names (a.jpg -> "
+                       "a.jpg.safetensors), so a.jpg and a.png in one folder both get an output.")
+Root = typer.Option(None, "--root", help="Input root the output paths mirror (default: the deepest folder holding "
+                    "all inputs; files named directly or on stdin count by their folder).")
+Null = typer.Option(False, "--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0), not lines.")
 FailFast = typer.Option(False, "--fail-fast", help="Stop at the first input that fails (default: report it, go on).")
 Tile = typer.Option("auto", "--tile", help="Tiled encode/decode for large images: auto | on | off.")
 TileSize = typer.Option(None, "--tile-size", help="Tile side in pixels for --tile (default: chosen from memory).")
@@ -78,8 +85,9 @@ Engine = typer.Option("threads", "--engine", help="threads: this process (defaul
 RayAddress = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray (e.g. auto, "
                                                       "ray://head:10001); default: start a local one.")
 
-__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End", "Engine",
-           "FailFast", "Flip", "Fps", "FrameStep", "ImageFormat", "Json", "LatentDtype", "MaxFrames", "MaxMemory",
-           "MaxPixels", "Model", "ModelsFile", "Optional", "Overwrite", "Path", "Quality", "Quiet", "RayAddress", "Resize",
-           "ScalingFactor", "Seed", "Shard", "ShardBy", "ShiftFactor", "SpillDir", "Start",
-           "Store", "Tile", "TileSize", "TooSmall", "Weights", "Workers"]
+__all__ = ["AlphaBackground", "Attn", "BatchSize", "Buckets", "CenterCrop", "Crop", "Device", "Download", "Dtype", "End",
+           "Engine", "FailFast", "Flip", "Fps", "FrameStep", "ImageFormat", "Json", "KeepExt", "LatentDtype",
+           "MaxFrames", "MaxMemory", "MaxPixels", "Model", "ModelsFile", "Null", "Optional", "Overwrite", "Path",
+           "Quality", "Quiet", "RayAddress", "Resize", "Root", "ScalingFactor", "Seed", "Shard", "ShardBy",
+           "ShiftFactor", "SpillDir", "Start", "Store", "Tile", "TileSize", "TooSmall", "VerifySources", "Weights",
+           "Workers"]

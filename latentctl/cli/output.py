@@ -4,20 +4,38 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
 
 
+def one_line(text: str) -> str:
+    """text with control characters escaped (\\n, \\t, \\x1b; undecodable file-name bytes as \\xNN), so that
+    any file name stays on one line and cannot drive the terminal."""
+    out = []
+    for c in text:
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte os.fsdecode could not decode (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x20 or 0x7F <= o < 0xA0 or c in "\u2028\u2029":
+            out.append(c.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def error(message: str) -> None:
     """One line `error: ...` on stderr (the format scripts grep for)."""
-    err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True) if err.is_terminal else \
+    message = one_line(message)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True) if err.is_terminal else \
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def warning(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True) if err.is_terminal else \
+    message = one_line(message)
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True) if err.is_terminal else \
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 

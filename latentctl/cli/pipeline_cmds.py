@@ -24,13 +24,15 @@ from ..errors import InputError, UsageError
 from ..pipeline import by_model, datasets, images, media, run
 from ..pipeline.clip_writers import CLIP_FORMATS
 from ..pipeline.frames import Selection
+from ..pipeline.inputs import split_paths
 from ..dist.claims import Claims
 from . import options as opt
 from . import output, scale
 
 Inputs = typer.Argument(..., help="Files, folders (walked recursively), glob patterns, or - for paths on stdin, "
-                                  "one per line; or WebDataset tar shards: .tar files, a folder of them (an "
-                                  "img2dataset output folder as it is), globs, or brace ranges s/{00000..00099}.tar.")
+                                  "one per line (NUL-separated with -0); or WebDataset tar shards: .tar files, a "
+                                  "folder of them (an img2dataset output folder as it is), globs, or brace ranges "
+                                  "s/{00000..00099}.tar.")
 
 
 def _size_bytes(text: str | None) -> int | None:
@@ -107,18 +109,20 @@ def _selection(frame_step, fps, max_frames, start, end) -> Selection:
     return selection
 
 
-def _out_dir(out: Path | None) -> Path | None:
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--output {out}: exists and is not a folder")
-    return out
-
-
-def _stdin(inputs: list[str]):
-    if "-" not in inputs:
-        return None
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
-    return sys.stdin.readlines()  # read once: the kind of input (shards or files) is decided from them
+def _paths(inputs: list[str], root: str | None, keep_ext: bool, null: bool) -> dict:
+    """The planning arguments shared by the three commands (see pipeline/inputs.py for the path mapping)."""
+    stdin_lines = None
+    if "-" in inputs:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("'-' reads paths from stdin, but stdin is a terminal (pipe a list of paths in)")
+        buffer = getattr(sys.stdin, "buffer", None)
+        text = os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
+        stdin_lines = split_paths(text, null)
+    elif null:
+        raise UsageError("-0/--null is for paths on stdin: add - to the inputs")
+    if root is not None and not Path(root).is_dir():
+        raise UsageError(f"--root {root}: not a folder")
+    return dict(stdin_lines=stdin_lines, root=root, keep_ext=keep_ext, null=True)
 
 
 def _check_scale(scale: float | None, flag: str) -> None:
@@ -230,7 +234,8 @@ def encode(inputs: list[str] = Inputs,
            center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
            max_pixels: int = opt.MaxPixels, buckets: Optional[str] = opt.Buckets, crop: str = opt.Crop,
            too_small: str = opt.TooSmall, flip: bool = opt.Flip, overwrite: bool = opt.Overwrite,
-           fail_fast: bool = opt.FailFast,
+           verify_sources: bool = opt.VerifySources, keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root,
+           null: bool = opt.Null, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
            max_frames: Optional[int] = opt.MaxFrames, start: float = opt.Start, end: Optional[float] = opt.End,
@@ -253,16 +258,17 @@ def encode(inputs: list[str] = Inputs,
     fn, engine_args = scale.engine(engine, ray_address)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
-                       overwrite=overwrite,
+                       overwrite=overwrite, verify_sources=verify_sources,
                        **_image_options(store=store, seed=seed, latent_dtype=latent_dtype, resize=resize,
                                         center_crop=center_crop, alpha_background=alpha_background,
                                         max_pixels=max_pixels, crop=crop),
                        **_bucket_options(buckets=buckets, crop=crop, too_small=too_small, flip=flip))
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
+    paths = _paths(inputs, root, keep_ext, null)
     planned = []  # how many items the whole job has (every rank's part)
-    items, sink = datasets.plan_encode(inputs, _out_dir(out), to=to, shard_size=shard_size, overwrite=overwrite,
-                                       stdin_lines=_stdin(inputs), part=scale.counted(planned, rank, shard_by))
+    items, sink = datasets.plan_encode(inputs, out, to=to, shard_size=shard_size, overwrite=overwrite,
+                                       part=scale.counted(planned, rank, shard_by), **paths)
     vae, info = _load_model(model, weights, models, device, attn, download,
                             scaling_factor=scaling_factor, shift_factor=shift_factor)
     if fn is not None:  # --engine ray: image files to latent files
@@ -290,7 +296,9 @@ def decode(inputs: list[str] = Inputs,
            shift_factor: Optional[float] = typer.Option(None, "--shift-factor", help="Shift subtracted before scaling "
                                                         "(default: from the metadata, else 0)."),
            image_format: Optional[str] = opt.ImageFormat, quality: int = opt.Quality, batch_size: int = opt.BatchSize,
-           workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite, fail_fast: bool = opt.FailFast,
+           workers: Optional[int] = opt.Workers, overwrite: bool = opt.Overwrite,
+           verify_sources: bool = opt.VerifySources, keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root,
+           null: bool = opt.Null, fail_fast: bool = opt.FailFast,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
@@ -300,14 +308,18 @@ def decode(inputs: list[str] = Inputs,
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
-                       overwrite=overwrite,
+                       overwrite=overwrite, verify_sources=verify_sources,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
                        check_model=model is None, **_format(image_format, quality))
-    stdin_lines = _stdin(inputs)
+    _check_scale(scaling_factor, "--scaling-factor")
+    if shift_factor is not None and not math.isfinite(shift_factor):
+        raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
+    paths = _paths(inputs, root, keep_ext, null)
+    stdin_lines = paths["stdin_lines"]
     planned = []  # how many items the whole job has
-    items, sink = datasets.plan_decode(inputs, _out_dir(out), image_format=options.image_format,
-                                       clip_format=_clip_format(image_format), stdin_lines=stdin_lines,
-                                       part=scale.counted(planned, rank, shard_by))
+    items, sink = datasets.plan_decode(inputs, out, image_format=options.image_format,
+                                       clip_format=_clip_format(image_format),
+                                       part=scale.counted(planned, rank, shard_by), **paths)
     if not isinstance(items, list):  # latent shards: one model for the stream, the one its first sample records
         if model is None:
             meta = datasets.first_latent_metadata(inputs, stdin_lines) or {}
@@ -350,6 +362,7 @@ def roundtrip(inputs: list[str] = Inputs,
               latent_dtype: str = opt.LatentDtype, resize: Optional[int] = opt.Resize,
               center_crop: Optional[str] = opt.CenterCrop, alpha_background: str = opt.AlphaBackground,
               max_pixels: int = opt.MaxPixels, image_format: Optional[str] = opt.ImageFormat, quality: int = opt.Quality,
+              keep_ext: bool = opt.KeepExt, root: Optional[str] = opt.Root, null: bool = opt.Null,
               fail_fast: bool = opt.FailFast, tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize,
               max_memory: Optional[str] = opt.MaxMemory, spill_dir: Optional[str] = opt.SpillDir,
               frame_step: int = opt.FrameStep, fps: Optional[float] = opt.Fps,
@@ -366,8 +379,8 @@ def roundtrip(inputs: list[str] = Inputs,
                                         max_pixels=max_pixels))
     run.check_options(options)
     selection = _selection(frame_step, fps, max_frames, start, end)
-    items = media.plan_roundtrip(inputs, _out_dir(out), options.image_format, _clip_format(image_format),
-                                 stdin_lines=_stdin(inputs))
+    items = media.plan_roundtrip(inputs, out, options.image_format, _clip_format(image_format),
+                                 **_paths(inputs, root, keep_ext, null))
     vae, info = _load_model(model, weights, models, device, attn, download)
     _execute("roundtrip", functools.partial(media.roundtrip_files, selection=selection,
                                             clip_format=_clip_format(image_format)),

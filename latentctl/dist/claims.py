@@ -122,7 +122,7 @@ class Claims:
         written since this run started count, older ones are to be redone.)"""
         out = item.output
         try:
-            if not out.exists() or check is None or check(out)[0] != "done":
+            if not out.exists() or check is None or check(item)[0] != "done":
                 return False
             return not overwrite or out.stat().st_mtime >= self.started
         except OSError:

@@ -81,7 +81,8 @@ class Downsample(nn.Module):
             return F.avg_pool2d(x, 2, 2)
         # The unpadded form only in float32: in bf16 (held or under autocast) oneDNN's AMX kernels gave NaN or
         # 7-10% error for it on a Xeon with AMX (the padded conv: 0.2%, as in fp32); bf16 halves the copy anyway.
-        reduced = x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
+        dev = x.device.type   # (autocast knows cpu and cuda; the FLOP counter runs on meta)
+        reduced = x.dtype != torch.float32 or (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev))
         if torch.is_grad_enabled() or reduced or min(x.shape[2:]) < 3:
             return self.conv(F.pad(x, (0, 1, 0, 1)))
         return self.unpadded_forward(x)

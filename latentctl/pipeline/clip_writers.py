@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import images
-from .inputs import temp_path
+from .outputs import temp_path
 from .latents import atomic_write
 
 CLIP_FORMATS = ("mp4", "gif", "webp", "png", "jpg")   # png / jpg: a folder of frames

@@ -11,7 +11,7 @@ the shard is already done (and skips it whole if so), and tells the sink when it
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
-from . import media, run, sources
+from . import media, outputs, run, sources
 from .inputs import Item
 from .sinks import FileSink, ShardSink
 
@@ -19,13 +19,13 @@ TARGETS = ("files", "wds")
 DEFAULT_SHARD_SIZE = 1000
 
 
-def _specs(inputs: list[str], stdin_lines) -> list[str]:
+def _specs(inputs: list[str], stdin_lines, null: bool = False) -> list[str]:
     """`-` replaced by the paths on stdin (read once), so the kind of input can be decided from them."""
     if "-" not in inputs:
         return list(inputs)
     if stdin_lines is None:
         raise UsageError("'-' reads paths from stdin, but no stdin was given")
-    lines = [line.rstrip("\r\n") for line in stdin_lines]
+    lines = list(stdin_lines) if null else [line.rstrip("\r\n") for line in stdin_lines]
     out = []
     for spec in inputs:
         out += [line for line in lines if line.strip()] if spec == "-" else [spec]
@@ -48,15 +48,16 @@ def _stream(shards: list, sink, wanted: str, groups: dict | None = None):
 
 
 def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: int | None = None,
-                overwrite: bool = False, stdin_lines=None, part=None):
+                overwrite: bool = False, stdin_lines=None, part=None, **paths):
     """(items, sink) for encode_files. part(list) -> this rank's part of it (latentctl/dist): applied to the
     shards (whole shards go to one rank), or to the loose files."""
     part = part or (lambda xs: xs)
     if to not in TARGETS:
         raise UsageError(f"--to {to!r}: choose {', '.join(TARGETS)}")
     out_dir = Path(out_dir)
+    outputs.probe(out_dir)
     stdin_lines = list(stdin_lines) if stdin_lines is not None else None  # read once, used twice
-    specs = _specs(inputs, stdin_lines)
+    specs = _specs(inputs, stdin_lines, paths.get("null", False))
     if sources.is_shard_input(specs):
         if shard_size is not None:
             raise UsageError("--shard-size is for loose files; an output shard keeps its input shard's samples")
@@ -66,8 +67,8 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
     if to == "files":  # images and clips (media.py), one file each
         if shard_size is not None:
             raise UsageError("--shard-size is for --to wds")
-        return part(media.plan_encode(inputs, out_dir, stdin_lines=stdin_lines)), FileSink(out_dir, index=True)
-    items = run.plan_encode(inputs, out_dir, stdin_lines=stdin_lines)  # images only: a shard sample is one image
+        return part(media.plan_encode(inputs, out_dir, stdin_lines=stdin_lines, **paths)), FileSink(out_dir, index=True)
+    items = run.plan_encode(inputs, out_dir, stdin_lines=stdin_lines, **paths)  # images only: a shard sample is one image
     if not items:
         raise UsageError("no input files found")
     grouped = sources.group_files(items, shard_size or DEFAULT_SHARD_SIZE)
@@ -79,17 +80,18 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
 
 
 def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", clip_format: str = "mp4",
-                stdin_lines=None, part=None):
+                stdin_lines=None, part=None, **paths):
     """(items, sink) for decode_files: latent files, or latent shards (each sample's image goes to
     OUT/SHARD/KEY.png with its carried members beside it)."""
     out_dir = Path(out_dir)
+    outputs.probe(out_dir)
     part = part or (lambda xs: xs)
     stdin_lines = list(stdin_lines) if stdin_lines is not None else None
-    specs = _specs(inputs, stdin_lines)
+    specs = _specs(inputs, stdin_lines, paths.get("null", False))
     sink = FileSink(out_dir, "." + image_format)
     if sources.is_shard_input(specs):
         return _stream(part(sources.discover_shards(specs, exclude=out_dir)), sink, "latent"), sink
-    return part(media.plan_decode(inputs, out_dir, image_format, clip_format, stdin_lines=stdin_lines)), sink
+    return part(media.plan_decode(inputs, out_dir, image_format, clip_format, stdin_lines=stdin_lines, **paths)), sink
 
 
 def first_latent_metadata(inputs: list[str], stdin_lines=None) -> dict | None:

@@ -6,6 +6,7 @@ user chooses, a size the model cannot take is padded (never stretched) and the v
 """
 
 import io
+import json
 import math
 from dataclasses import dataclass
 
@@ -102,8 +103,42 @@ def read_image(data: bytes, *, max_pixels: int, alpha_background=(1.0, 1.0, 1.0)
     except (SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"corrupt image ({type(e).__name__}: {e})") from None
     im = oriented if oriented is not None else im
+    deep = _png_16bit_color(data)
+    if deep is not None:  # pillow reads 16-bit RGB(A) PNGs as 8-bit: read the samples themselves
+        rgb, has_alpha = _composite(_orient(deep, _orientation(im) or 1), alpha_background)
+        return Loaded(rgb, mode + ";16", transposed, has_alpha)
     rgb, has_alpha = to_rgb(im, alpha_background)
     return Loaded(rgb, mode, transposed, has_alpha)
+
+
+def _png_16bit_color(data: bytes) -> np.ndarray | None:
+    """A 16-bit RGB or RGBA PNG as float32 (H, W, 3 or 4) in [0, 1] (via pypng), else None."""
+    # PNG signature, then the IHDR chunk: length, b"IHDR", width, height, bit depth (byte 24), colour type (25)
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or data[24] != 16 or data[25] not in (2, 6):
+        return None
+    import png
+
+    try:
+        width, height, rows, info = png.Reader(bytes=data).asDirect()
+        planes = info["planes"]
+        a = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
+    except (png.Error, ValueError) as e:
+        raise InputError(f"corrupt 16-bit PNG ({e})") from None
+    return a.astype(np.float32) / 65535.0
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation applied to an (H, W, C) array, as ImageOps.exif_transpose does to an image."""
+    t = a.transpose(1, 0, 2)
+    return {2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1], 5: t, 6: t[:, ::-1], 7: t[::-1, ::-1],
+            8: t[::-1]}.get(orientation, a).copy()
+
+
+def _composite(a: np.ndarray, background) -> tuple[np.ndarray, bool]:
+    if a.shape[2] == 3:
+        return a, False
+    alpha = a[..., 3:4]
+    return a[..., :3] * alpha + np.asarray(background, dtype=np.float32) * (1.0 - alpha), True
 
 
 def _first_line(e: BaseException) -> str:
@@ -183,10 +218,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """uint8 (H, W, 3) -> file bytes in `fmt` (png | jpg | webp)."""
+_RECORD_TAG = 0x010E  # EXIF ImageDescription: PNG, JPEG and WebP all carry EXIF
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int = 95, record: dict | None = None) -> bytes:
+    """uint8 (H, W, 3) -> file bytes in `fmt` (png | jpg | webp); `record` (strings) is kept in the file's EXIF
+    as JSON, for read_record."""
     buf = io.BytesIO()
     kwargs = {"compress_level": 1} if fmt == "png" else {"quality": quality}  # png level 1: fast, ~same size
+    if record is not None:
+        exif = Image.Exif()
+        exif[_RECORD_TAG] = json.dumps(record, sort_keys=True)  # ASCII: non-ASCII characters are escaped
+        kwargs["exif"] = exif.tobytes()
     Image.fromarray(rgb, "RGB").save(buf, FORMATS[fmt], **kwargs)
     return buf.getvalue()
 
@@ -201,6 +244,20 @@ def side_by_side(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray
     v = np.clip(err / HEAT_FULL_SCALE, 0, 1)[..., None] * 3
     heat = (np.clip(np.concatenate([v, v - 1, v - 2], axis=2), 0, 1) * 255).round().astype(np.uint8)
     return np.concatenate([original, reconstruction, heat], axis=1)
+
+
+def read_record(path) -> dict | None:
+    """The record encode_image kept in the file ({} when there is none), or None when the file is not a complete
+    image."""
+    if not is_valid_image(path):
+        return None
+    try:
+        with Image.open(path) as im:
+            text = im.getexif().get(_RECORD_TAG)
+        record = json.loads(text) if isinstance(text, str) else {}
+    except Exception:  # a broken EXIF block or foreign text: no record
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def is_valid_image(path) -> bool:

@@ -1,20 +1,29 @@
 """Find the inputs (files, folders, globs, `-` for paths on stdin), give each an output path, decide what to skip.
 
-Output paths mirror each file's path relative to its input root:
-  folder `imgs/`         imgs/a/b.jpg -> OUT/a/b.safetensors
-  glob `imgs/*/*.jpg`    root = the part before the first wildcard (imgs/)
-  file `imgs/a/b.jpg`    root = its own folder -> OUT/b.safetensors
-  stdin `-`              root = the current folder (a path outside it keeps its absolute path under OUT)
-so `find imgs -name '*.jpg' | latentctl encode - -o OUT` gives OUT/imgs/..., the same on every rerun.
+One rule maps every input to its output, whichever way it was named: the output mirrors the file's path
+relative to the *input root*, which is `--root` if given, else the deepest folder that holds all inputs:
+  folder `imgs/`          counts as imgs/ itself        imgs/a/b.jpg  -> OUT/a/b.safetensors
+  glob `imgs/*/*.jpg`     the part before the wildcard  imgs/a/b.jpg  -> OUT/a/b.safetensors
+  file `imgs/a/b.jpg`     its folder                    imgs/a/b.jpg  -> OUT/b.safetensors
+  stdin `-`               each path's folder, as a file named on the command line
+So `latentctl encode setA setB -o OUT` writes OUT/setA/... and OUT/setB/..., and the same files given as
+arguments or on stdin get the same outputs; give `--root` when different runs name different parts of one tree.
+
+Folders are walked recursively, into folders reached through symbolic links too (a link back to a folder being
+walked is not followed again: loops are cut by device and inode). Hidden entries and the output folder are left
+out. What cannot be used is an item with an error, never left out silently: an unreadable folder, a named pipe,
+socket or device (reported without opening it), a broken link.
 """
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 from ..errors import UsageError
+from .provenance import not_regular
 
 # Everything pillow registers (png, jpg/jpeg, webp, bmp, tif/tiff, gif, ...), read once at import.
 IMAGE_EXTS = frozenset(ext.lower() for ext in Image.registered_extensions())
@@ -28,9 +37,11 @@ class Item:
 
     source: str                 # the path as the user gave or will recognise it (error lines, metadata)
     path: Path                  # what to open
-    rel: PurePosixPath          # path under its input root; the output mirrors it
+    rel: PurePosixPath          # path under the input root; the output mirrors it
     output: Path | None = None
-    error: str | None = None    # already known to be unusable (missing file, glob matching nothing)
+    error: str | None = None    # already known to be unusable (missing file, glob matching nothing, name clash)
+    redo: str | None = None     # why an existing output is made again ("source changed", ...)
+    folder: bool = False        # a folder that could not be walked: an error, no output
     data: bytes | None = None   # the input's bytes when it does not live in a file of its own (a tar member)
     key: str | None = None      # a tar sample's key (WebDataset: the member name up to the first dot of its basename)
     carried: dict[str, bytes] | None = None  # a tar sample's other members by extension (".txt"), copied unchanged
@@ -41,100 +52,177 @@ def _has_wildcard(text: str) -> bool:
     return any(c in _WILDCARDS for c in text)
 
 
-def _relative_to_cwd(path: Path) -> PurePosixPath:
-    """path relative to the current folder; outside it, the absolute path without its root ("/")."""
-    absolute = Path(os.path.abspath(path))
+def split_paths(text: str, null: bool = False) -> list[str]:
+    """Paths piped on stdin: one per line (blank lines ignored, a trailing \\r dropped), or with `null`
+    separated by NUL bytes as `find -print0` writes them (any name, newlines included)."""
+    if null:
+        return [p for p in text.split("\0") if p]
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
+@dataclass
+class _Found:
+    source: str
+    path: Path
+    error: str | None = None
+    folder: bool = False
+
+
+def _walk(top: Path, exts: frozenset, exclude: str | None):
+    """_Found entries under `top` with a wanted extension, sorted, files of a folder before its subfolders;
+    hidden entries and the output folder skipped, symlinked folders followed (loops cut)."""
+    def visit(folder: Path, ancestors: frozenset):
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield _Found(str(folder), folder, f"cannot read folder: {e.strerror or e}", folder=True)
+            return
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            wanted = os.path.splitext(entry.name)[1].lower() in exts
+            try:
+                st = os.stat(path)  # follows links
+            except OSError as e:
+                if wanted:
+                    broken = entry.is_symlink() and not os.path.lexists(os.path.realpath(path))
+                    yield _Found(str(path), path, "broken symbolic link (no such file)" if broken else f"cannot read: "
+                                 f"{e.strerror or e}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key not in ancestors and os.path.abspath(path) != exclude:
+                    subfolders.append((path, ancestors | {key}))
+            elif wanted:
+                yield _Found(str(path), path, not_regular(st.st_mode))
+        for path, seen in subfolders:
+            yield from visit(path, seen)
+
     try:
-        return PurePosixPath(absolute.relative_to(Path.cwd()).as_posix())
-    except ValueError:
-        return PurePosixPath(*absolute.parts[1:])
+        st = os.stat(top)
+        start = frozenset({(st.st_dev, st.st_ino)})
+    except OSError:
+        start = frozenset()
+    yield from visit(top, start)
 
 
-def _walk(root: Path, exts: frozenset, exclude: Path | None):
-    """Files under root with a wanted extension, sorted, skipping hidden entries and the output folder."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (exclude is None or Path(os.path.abspath(os.path.join(folder, d))) != exclude))
-        for name in sorted(files):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                yield Path(folder) / name
+def _file(spec: str) -> _Found:
+    path = Path(spec)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if os.path.islink(path):
+            return _Found(spec, path, "broken symbolic link (no such file)")
+        return _Found(spec, path, "no such file" if isinstance(e, FileNotFoundError) else f"cannot read: "
+                      f"{e.strerror or e}")
+    if stat.S_ISDIR(st.st_mode):
+        return _Found(spec, path, "is a folder (folders are only walked when named as an input)")
+    return _Found(spec, path, not_regular(st.st_mode))
 
 
-def discover(inputs: list[str], exts: frozenset, *, stdin_lines=None, exclude: Path | None = None) -> list[Item]:
+def _glob(pattern: str, exts: frozenset, exclude: str | None) -> tuple[str, list[_Found]]:
+    """(the pattern's root: the part before the first wildcard, its matches)."""
+    import glob
+
+    parts = Path(pattern).parts
+    fixed = next(i for i, p in enumerate(parts) if _has_wildcard(p))
+    root = str(Path(*parts[:fixed])) if fixed else "."
+    found = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        m = Path(match)
+        if m.is_dir():
+            found += _walk(m, exts, exclude)
+        elif m.suffix.lower() in exts:
+            found.append(_file(match))
+    if not found:
+        return root, [_Found(pattern, Path(pattern), "no file matches this pattern")]
+    return root, found
+
+
+def discover(inputs: list[str], exts: frozenset, *, stdin_lines=None, exclude: Path | None = None,
+             root: str | Path | None = None, null: bool = False) -> list[Item]:
     """The items named by `inputs`, in order. A file named explicitly is taken whatever its extension;
-    folders and globs keep files with an extension in `exts`. `exclude` (the output folder) is never walked."""
-    exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
-    items: list[Item] = []
+    folders and globs keep files with an extension in `exts`. `exclude` (the output folder) is never walked.
+    `stdin_lines`: the paths read for `-` (lines, or exact names with `null`). `root`: the input root
+    (default: the deepest folder holding all inputs, see the module's docstring)."""
+    exclude = os.path.abspath(exclude) if exclude is not None else None
+    found: list[_Found] = []
+    bases: list[str] = []
     for spec in inputs:
         if spec == "-":
             if stdin_lines is None:
                 raise UsageError("'-' reads paths from stdin, but no stdin was given")
             for line in stdin_lines:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    items.append(_file_item(line, _relative_to_cwd(Path(line))))
-            continue
-        path = Path(spec)
-        if path.is_dir():
-            for f in _walk(path, exts, exclude):
-                items.append(Item(str(f), f, PurePosixPath(f.relative_to(path).as_posix())))
-        elif not path.exists() and _has_wildcard(spec):
-            items += _glob(spec, exts, exclude)
+                name = line if null else line.rstrip("\r\n")
+                if name if null else name.strip():
+                    found.append(_file(name))
+                    bases.append(os.path.dirname(os.path.abspath(name)))
+        elif os.path.isdir(spec):
+            found += _walk(Path(spec), exts, exclude)
+            bases.append(os.path.abspath(spec))
+        elif not os.path.lexists(spec) and _has_wildcard(spec):
+            base, matches = _glob(spec, exts, exclude)
+            found += matches
+            bases.append(os.path.abspath(base))
         else:
-            items.append(_file_item(spec, PurePosixPath(path.name)))
+            found.append(_file(spec))
+            bases.append(os.path.dirname(os.path.abspath(spec)))
+    if root is not None:
+        top = os.path.abspath(root)
+    else:
+        top = os.path.commonpath(bases) if bases else os.getcwd()
+    items = []
+    for f in found:
+        rel = os.path.relpath(os.path.abspath(f.path), top)
+        item = Item(f.source, f.path, PurePosixPath(Path(rel).as_posix()), error=f.error, folder=f.folder)
+        if rel == ".." or rel.startswith(".." + os.sep):
+            item.rel = PurePosixPath(f.path.name)
+            item.error = item.error or f"not under the input root {root}"
+        items.append(item)
     return items
 
 
-def _file_item(spec: str, rel: PurePosixPath) -> Item:
-    path = Path(spec)
-    item = Item(spec, path, rel)
-    if path.is_dir():
-        item.error = "is a folder (folders are only walked when named as an input)"
-    elif not path.exists():
-        item.error = "no such file" if not path.is_symlink() else "broken symbolic link"
-    return item
+def assign_outputs(items: list[Item], out_dir: Path, suffix: str, *, keep_ext: bool = False,
+                   also=None) -> list[Item]:
+    """Set each item's output (OUT/rel with `suffix` instead of its extension, or after it with `keep_ext`:
+    a.jpg -> a.jpg.safetensors) and drop repeats of the same file. `also(output)` -> further paths an item writes.
 
-
-def _glob(pattern: str, exts: frozenset, exclude: Path | None) -> list[Item]:
-    import glob
-
-    parts = Path(pattern).parts
-    fixed = next(i for i, p in enumerate(parts) if _has_wildcard(p))
-    root = Path(*parts[:fixed]) if fixed else Path(".")
-    found = []
-    for match in sorted(glob.glob(pattern, recursive=True)):
-        m = Path(match)
-        files = _walk(m, exts, exclude) if m.is_dir() else [m] if m.suffix.lower() in exts else []
-        found += [Item(str(f), f, PurePosixPath(Path(os.path.relpath(f, root)).as_posix())) for f in files]
-    if not found:
-        return [Item(pattern, Path(pattern), PurePosixPath(Path(pattern).name), error="no file matches this pattern")]
-    return found
-
-
-def assign_outputs(items: list[Item], out_dir: Path, suffix: str) -> list[Item]:
-    """Set each item's output (OUT/rel with `suffix`) and drop repeats of the same file.
-
-    Two different inputs that map to one output are a usage error, raised before any work starts.
+    Different inputs that would write one path are each an error (none of them is written); the rest go on.
     """
     seen: dict[Path, Item] = {}
     kept = []
     for item in items:
-        rel = item.rel if item.rel.parts else PurePosixPath(item.path.name)
-        item.output = out_dir / Path(*rel.parts).with_suffix(suffix)
-        first = seen.get(item.output)
-        if first is None:
-            seen[item.output] = item
+        if item.folder:
             kept.append(item)
-        elif _same_file(first.path, item.path):
+            continue
+        rel = item.rel if item.rel.parts else PurePosixPath(item.path.name)
+        name = rel.name + suffix if keep_ext else PurePosixPath(rel.name).with_suffix(suffix).name \
+            if PurePosixPath(rel.name).suffix else rel.name + suffix
+        item.output = Path(out_dir) / Path(*rel.parent.parts) / name
+        first = seen.get(item.output)
+        if first is not None and _same_file(first.path, item.path):
             continue  # the same file named twice (a folder and a file in it): one job
-        else:
-            raise UsageError(f"{first.source} and {item.source} would both be written to {item.output}; "
-                             "rename one, or give them different input roots")
+        seen.setdefault(item.output, item)
+        kept.append(item)
+    claims: dict[Path, list[Item]] = {}
+    for item in kept:
+        if item.output is not None and item.error is None:
+            for p in [item.output, *(also(item.output) if also else [])]:
+                claims.setdefault(p, []).append(item)
+    for path, claimants in claims.items():
+        for item in claimants if len(claimants) > 1 else []:
+            if item.error is None:
+                others = ", ".join(o.source for o in claimants if o is not item)
+                item.error = (f"{others} would also be written to {path}: neither is written "
+                              "(--keep-ext keeps the extension in output names; or rename one)")
     return kept
 
 
 def check_unique(paths: list[Path], what: str = "output") -> None:
-    """Raise UsageError when two of `paths` are the same (e.g. a reconstruction and another's side-by-side)."""
+    """Raise UsageError when two of `paths` are the same (e.g. a clip's video and another input's image)."""
     seen = set()
     for p in paths:
         if p in seen:
@@ -155,33 +243,29 @@ def resume_one(item: Item, overwrite: bool, check) -> tuple[str, str]:
     if item.error is not None or overwrite or check is None:
         return "todo", ""
     state, reason = check(item)
+    if state == "redo":
+        item.redo = reason or "incomplete output"
     return (state, reason) if state in ("done", "conflict") else ("todo", "")
 
 
 def resume(items: list[Item], overwrite: bool, check) -> tuple[list[Item], list[Item], list[tuple[Item, str]]]:
     """Split items into (to do, already done, refused) by looking at their outputs.
 
-    check(output) -> (state, reason): "done" (complete and written with these settings: skipped),
-    "redo" (corrupt or foreign: written again), "conflict" (complete but with other settings: refused,
-    so that one folder never silently mixes two settings). --overwrite redoes everything.
+    check(item) -> (state, reason): "done" (complete, made from this source with these settings: skipped),
+    "redo" (corrupt, stale or foreign: written again, the reason kept in item.redo), "conflict" (complete but
+    with other settings: refused, so that one folder never silently mixes two settings). --overwrite redoes all.
     """
     todo, done, refused = [], [], []
     for item in items:
-        if item.error is not None or overwrite or item.output is None or not item.output.exists():
+        if item.error is not None or overwrite or item.output is None or not os.path.lexists(item.output):
             todo.append(item)
             continue
-        state, reason = check(item.output)
+        state, reason = check(item)
         if state == "done":
-            temp_path(item.output).unlink(missing_ok=True)  # a killed --overwrite run may have left one
             done.append(item)
         elif state == "conflict":
             refused.append((item, reason))
         else:
+            item.redo = reason or "incomplete output"
             todo.append(item)
     return todo, done, refused
-
-
-def temp_path(path: Path) -> Path:
-    """The temporary file an output is written to before the rename: hidden, in the same folder, and
-    always the same name, so a rerun overwrites what a killed run left behind."""
-    return path.with_name(f".{path.name}.latentctl-tmp")

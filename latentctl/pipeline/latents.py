@@ -14,13 +14,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
 from ..errors import InputError
-from .inputs import temp_path
+from .outputs import temp_path
 
 FORMAT = "latentctl-latent/1"
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METADATA_KEYS = (
     "format", "model", "weights_sha256", "scaling_factor", "shift_factor", "scaled", "store", "seed",
-    "latent_dtype", "source", "source_sha256", "width", "height", "color_mode", "exif_transposed",
+    "latent_dtype", "source", "source_path", "source_rel", "source_size", "source_mtime_ns", "source_sha256", "width", "height", "color_mode", "exif_transposed",
     "alpha_background", "resize", "center_crop", "resized", "crop_box", "valid_box", "padded", "factor",
     "latentctl_version", "buckets",
     # with --buckets (latentctl/buckets.py): the bucket, SDXL's conditioning as "H,W"-style pairs, the flipped crop
@@ -97,36 +97,52 @@ def header(data: bytes) -> tuple[dict[str, str], dict[str, list[int]]]:
 def read(path: Path | bytes, key: str = "latent") -> tuple[torch.Tensor, dict[str, str]]:
     """The tensor `key` (C, h, w) as float32 and the file's metadata. Raises InputError with the reason.
     `path` may also be the file's bytes (a tar member)."""
+    if isinstance(path, (bytes, bytearray)):
+        data = bytes(path)
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read: {e.strerror or e}") from None
+    t, meta = parse(data, key)
+    return t.float(), meta
+
+
+def parse(data: bytes, key: str = "latent") -> tuple[torch.Tensor, dict[str, str]]:
+    """The tensor `key` (C, h, w) as stored (any dtype) and the metadata, from a file's bytes."""
+    meta = header(data)[0]
     try:
-        if isinstance(path, (bytes, bytearray)):
-            meta = header(path)[0]
-            tensors = load(bytes(path))
-        else:
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: None for k in f.keys()}
-                if key in tensors:
-                    tensors[key] = f.get_tensor(key)
-        if key not in tensors:
-            raise InputError(f"no tensor {key!r} in this file (it has {', '.join(tensors) or 'none'}; "
-                             "choose one with --key)")
-        t = tensors[key]
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+        tensors = load(data)
+    except (SafetensorError, ValueError, TypeError, AttributeError) as e:
+        raise InputError(f"not a readable safetensors file (truncated or corrupt?): {_first_line(e)}") from None
+    if key not in tensors:
+        raise InputError(f"no tensor {key!r} in this file (it has {', '.join(sorted(tensors)) or 'none'}; "
+                         "choose one with --key)")
+    t = tensors[key]
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]  # (1, C, h, w), as some tools store a batch of one
     if t.ndim != 3:
         raise InputError(f"tensor {key!r} has shape {tuple(t.shape)}; expected (C, h, w)")
-    return t.float(), meta
+    return t, {str(k): str(v) for k, v in meta.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def check(path: Path, expected: dict[str, str]) -> tuple[str, str]:
     """For resuming: ("done", "") if `path` is a complete latent file written with the `expected` settings,
-    ("conflict", why) if it is complete but was written with other settings, ("redo", why) otherwise."""
+    ("conflict", why) if it is complete but was written with other settings, ("redo", why) otherwise.
+    (Whether it was made from the same source is provenance.judge's question.)"""
     try:
         meta, shapes = read_metadata(path)
     except InputError as e:
         return "redo", str(e)
+    return check_metadata(meta, shapes, expected)
+
+
+def check_metadata(meta: dict[str, str], shapes: dict, expected: dict[str, str]) -> tuple[str, str]:
+    """check() on a header already read."""
     if meta.get("format") != FORMAT or "latent" not in shapes:
         return "redo", "not a latentctl latent file"
     differ = [f"{k}={meta.get(k)!r} (this run: {v!r})" for k, v in expected.items() if meta.get(k) != v]

@@ -10,41 +10,44 @@ from pathlib import Path
 
 from . import run, video
 from .frames import VIDEO_EXTS, Selection, is_clip
-from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, check_unique
+from .outputs import refuse_inputs_as_outputs
 from .clip_writers import CLIP_FORMATS, clip_output, compare_output
 from .images import FORMATS as IMAGE_FORMATS
 
 ENCODE_EXTS = IMAGE_EXTS | VIDEO_EXTS
 
 
-def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None) -> list[Item]:
+def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None, **paths) -> list[Item]:
     """run.plan_encode, with videos found in folders and globs too."""
-    return assign_outputs(discover(inputs, ENCODE_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
-                          ".safetensors")
+    return run.plan(inputs, out_dir, ENCODE_EXTS, ".safetensors", stdin_lines=stdin_lines, **paths)
 
 
 def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", clip_format: str = "mp4",
-                stdin_lines=None) -> list[Item]:
-    items = assign_outputs(discover(inputs, LATENT_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
-                           "." + image_format)
-    check_unique([clip_output(i.output, clip_format) if _clip_latent(i) else i.output for i in items])
+                stdin_lines=None, **paths) -> list[Item]:
+    items = run.plan(inputs, out_dir, LATENT_EXTS, "." + image_format, stdin_lines=stdin_lines, **paths)
+    check_unique([clip_output(i.output, clip_format) if _clip_latent(i) else i.output for i in items
+                  if i.output is not None and i.error is None])
     return items
 
 
 def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", clip_format: str = "mp4",
-                   stdin_lines=None) -> list[Item]:
-    items = discover(inputs, ENCODE_EXTS, stdin_lines=stdin_lines, exclude=out_dir)
+                   stdin_lines=None, **paths) -> list[Item]:
+    items = run.plan(inputs, out_dir, ENCODE_EXTS, "." + image_format, stdin_lines=stdin_lines,
+                     also=lambda output: [run.compare_path(output)], **paths)
     if out_dir is None:
         return items
-    items = assign_outputs(items, Path(out_dir), "." + image_format)
-    paths = []
+    written = []
     for i in items:
+        if i.output is None or i.error is not None:
+            continue
         if _clip(i):
             out = clip_output(i.output, clip_format)
-            paths += [out, compare_output(out, clip_format)]
+            written.append((i.path, [out, compare_output(out, clip_format)]))
         else:
-            paths += [i.output, run.compare_path(i.output)]
-    check_unique(paths)
+            written.append((i.path, [i.output, run.compare_path(i.output)]))
+    refuse_inputs_as_outputs(written)
+    check_unique([p for _, outs in written for p in outs])
     return items
 
 

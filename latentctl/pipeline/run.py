@@ -11,13 +11,16 @@ or when a batch would not fit in memory.
 
 import copy
 import hashlib
+import json
 import math
+import queue
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -28,8 +31,8 @@ from .. import __version__, buckets as bucketing, tiling
 from ..errors import InputError, LatentctlError, Skip, UsageError
 from ..metrics import psnr, ssim
 from ..modules import AutoencoderKL, DiagonalGaussian, precision
-from . import images, latents
-from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, check_unique, discover, resume_one
+from . import images, latents, outputs, provenance
+from .inputs import IMAGE_EXTS, LATENT_EXTS, Item, assign_outputs, discover, resume_one
 from .sinks import FileSink
 
 STORES = ("mean", "sample", "posterior")
@@ -47,6 +50,7 @@ class Options:
     seed: int | None = None                 # for store=sample; None: one is drawn and recorded in each file
     latent_dtype: str = "fp16"              # storage precision of latent files
     overwrite: bool = False
+    verify_sources: bool = False            # resume: hash every source (default: only when size/mtime differ)
     fail_fast: bool = False
     max_pixels: int = 100_000_000
     alpha_background: tuple = (1.0, 1.0, 1.0)
@@ -80,11 +84,14 @@ class Record:
     seconds: float = 0.0            # this item's own load + share of its batch + write
     psnr: float | None = None       # roundtrip only
     ssim: float | None = None
+    redone: str | None = None       # an existing output was made again: "source changed", "other dataset", ...
     item: Item | None = field(default=None, repr=False, compare=False)  # for sinks; not part of to_dict()
 
     def to_dict(self) -> dict:
         d = {"input": self.input, "output": self.output, "status": self.status, "error": self.error,
              "shape": self.shape, "seconds": round(self.seconds, 4)}
+        if self.redone is not None:
+            d["redone"] = self.redone
         if self.psnr is not None or self.ssim is not None:
             d["psnr"] = self.psnr if self.psnr is None or math.isfinite(self.psnr) else None  # inf: identical
             d["ssim"] = self.ssim
@@ -166,24 +173,38 @@ def _guarded(fn, vae, x, options, warn, what: str):
 
 # --- planning ---------------------------------------------------------------------------------------------------
 
-def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None) -> list[Item]:
-    """Inputs -> items with their latent file paths. Raises UsageError on two inputs sharing an output."""
-    return assign_outputs(discover(inputs, IMAGE_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
-                          ".safetensors")
-
-
-def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", stdin_lines=None) -> list[Item]:
-    return assign_outputs(discover(inputs, LATENT_EXTS, stdin_lines=stdin_lines, exclude=out_dir), Path(out_dir),
-                          "." + image_format)
-
-
-def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", stdin_lines=None) -> list[Item]:
-    items = discover(inputs, IMAGE_EXTS, stdin_lines=stdin_lines, exclude=out_dir)
+def plan(inputs, out_dir, exts, suffix, *, stdin_lines=None, root=None, keep_ext: bool = False, null: bool = False,
+         also=None) -> list[Item]:
+    """discover + assign_outputs + the checks made before any model is loaded: no output is an input file, the
+    output folder can be created and written (UsageError otherwise). `also(output)`: further paths an item writes."""
+    items = discover(inputs, exts, stdin_lines=stdin_lines, exclude=out_dir, root=root, null=null)
     if out_dir is None:
-        return items  # metrics only: nothing is written
-    items = assign_outputs(items, Path(out_dir), "." + image_format)
-    check_unique([i.output for i in items] + [compare_path(i.output) for i in items])
+        return items  # roundtrip's metrics only: nothing is written
+    items = assign_outputs(items, Path(out_dir), suffix, keep_ext=keep_ext, also=also)
+    outputs.refuse_inputs_as_outputs([(i.path, [i.output, *(also(i.output) if also else [])])
+                                      for i in items if i.output is not None and i.error is None])
+    outputs.probe(Path(out_dir))
     return items
+
+
+def plan_encode(inputs: list[str], out_dir: Path, stdin_lines=None, *, root=None, keep_ext: bool = False,
+                null: bool = False) -> list[Item]:
+    """Inputs -> items with their latent file paths (see pipeline/inputs.py for the mapping). Raises UsageError
+    when an output would overwrite an input or the output folder cannot be created or written."""
+    return plan(inputs, out_dir, IMAGE_EXTS, ".safetensors", stdin_lines=stdin_lines, root=root,
+                 keep_ext=keep_ext, null=null)
+
+
+def plan_decode(inputs: list[str], out_dir: Path, image_format: str = "png", stdin_lines=None, *, root=None,
+                keep_ext: bool = False, null: bool = False) -> list[Item]:
+    return plan(inputs, out_dir, LATENT_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
+                 keep_ext=keep_ext, null=null)
+
+
+def plan_roundtrip(inputs: list[str], out_dir: Path | None, image_format: str = "png", stdin_lines=None, *,
+                   root=None, keep_ext: bool = False, null: bool = False) -> list[Item]:
+    return plan(inputs, out_dir, IMAGE_EXTS, "." + image_format, stdin_lines=stdin_lines, root=root,
+                 keep_ext=keep_ext, null=null, also=lambda output: [compare_path(output)])
 
 
 def compare_path(output: Path) -> Path:
@@ -201,6 +222,12 @@ def _first_line(e: BaseException) -> str:
 def _error(item: Item, message: str, seconds: float = 0.0) -> Record:
     return Record(item.source, str(item.output) if item.output else None, "error", message, seconds=seconds,
                   item=item)
+
+
+def _ok(item: Item, shape, output: str | None = None, **extra) -> Record:
+    """The Record of a written output (saying why, when it replaced an existing one)."""
+    output = output if output is not None else str(item.output) if item.output else None
+    return Record(item.source, output, "ok", shape=list(shape), redone=item.redo, item=item, **extra)
 
 
 def _load(load, item: Item):
@@ -253,6 +280,43 @@ def _compute(compute, jobs: list[_Job]) -> list:
     return [_compute(compute, [job])[0] for job in jobs]
 
 
+class _Threads:
+    """A few daemon threads behind Futures. Unlike ThreadPoolExecutor they are never joined: a stopped run (and
+    the interpreter's exit) never waits for a load stuck in a slow read."""
+
+    def __init__(self, count: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
+                    future.set_exception(e)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+def _result(future: Future, halted):
+    """future's result, or None as soon as halted() (checked every 0.1 s)."""
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except FutureTimeout:
+            if halted():
+                return None
 def item_error(item_or_job, error) -> Record:
     """The error Record of an item (or a job) from a message or an exception."""
     item = getattr(item_or_job, "item", item_or_job)
@@ -313,6 +377,9 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
     def halted() -> bool:
         return stop.is_set() or (options.fail_fast and summary.failed > 0)
 
+    if hasattr(items, "__len__"):  # a list (streamed shards clean their own temporaries)
+        outputs.clean_stale_temps(sorted({i.output.parent for i in items if i.output is not None}))
+
     def triage():
         """The items to do, in order; skipped and refused ones are reported as they are met."""
         for item in items:
@@ -330,43 +397,44 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
 
     workers = max(1, options.workers)
     ahead = workers + 2 * options.batch_size    # items being loaded or waiting to be batched: bounds memory
-    with ThreadPoolExecutor(workers, "latentctl-load") as loader, \
-            ThreadPoolExecutor(workers, "latentctl-write") as writer:
-        pending, writes, buckets = deque(), deque(), {}
-        if claims is None:
-            source = triage()
-        else:  # claims check an output path: give the sink's check an item for it
-            on_path = (lambda out: check(Item(str(out), out, PurePosixPath(out.name), output=out))) if check else None
-            source = claims.take(triage(), on_path, options.overwrite,
-                                 lambda item: emit(Record(item.source, str(item.output), "skipped", item=item)))
+    loader, writer = _Threads(workers, "latentctl-load"), _Threads(workers, "latentctl-write")
+    pending, writes, buckets = deque(), deque(), {}
+    if claims is None:
+        source = triage()
+    else:  # claims ask check(item) whether another run finished it meanwhile
+        source = claims.take(triage(), check, options.overwrite,
+                             lambda item: emit(Record(item.source, str(item.output), "skipped", item=item)))
 
-        def fill() -> None:
-            while len(pending) < ahead and (item := next(source, None)) is not None:
-                pending.append(loader.submit(_load, load, item))
+    def fill() -> None:
+        while len(pending) < ahead and not halted() and (item := next(source, None)) is not None:
+            pending.append(loader.submit(_load, load, item))
 
-        def drain(limit: int) -> None:
-            """Report the finished writes; wait while more than `limit` are queued (bounds memory)."""
-            while writes and (writes[0].done() or len(writes) > limit):
-                emit(writes.popleft().result())
+    def drain(limit: int) -> None:
+        """Report the finished writes; wait while more than `limit` are queued (bounds memory)."""
+        while writes and (writes[0].done() or len(writes) > limit):
+            emit(writes.popleft().result())
 
-        def run(key) -> None:
-            jobs = buckets.pop(key)
-            t = time.perf_counter()
-            results = _compute(compute, jobs)
-            share = (time.perf_counter() - t) / len(jobs)
-            for job, result in zip(jobs, results):
-                job.seconds += share
-                if isinstance(result, Exception):
-                    message = str(result) if isinstance(result, InputError) else \
-                        f"{type(result).__name__}: {_first_line(result)}"
-                    emit(_error(job.item, message, job.seconds))
-                else:
-                    writes.append(writer.submit(_finish, finish, job, result))
-            drain(ahead)
+    def run(key) -> None:
+        jobs = buckets.pop(key)
+        t = time.perf_counter()
+        results = _compute(compute, jobs)
+        share = (time.perf_counter() - t) / len(jobs)
+        for job, result in zip(jobs, results):
+            job.seconds += share
+            if isinstance(result, Exception):
+                message = str(result) if isinstance(result, InputError) else \
+                    f"{type(result).__name__}: {_first_line(result)}"
+                emit(_error(job.item, message, job.seconds))
+            else:
+                writes.append(writer.submit(_finish, finish, job, result))
+        drain(ahead)
 
+    try:
         fill()
         while pending and not halted():
-            job = pending.popleft().result()
+            job = _result(pending.popleft(), halted)
+            if job is None:
+                break
             fill()
             if isinstance(job, Record):
                 emit(job)
@@ -380,9 +448,12 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
             drain(ahead)
         while buckets and not halted():
             run(next(iter(buckets)))
+    finally:
         for future in pending:
             future.cancel()
-        drain(0)  # the writes in flight always finish, even after Ctrl-C
+        loader.close()
+        drain(0)  # the writes in flight always finish, even after Ctrl-C (a second one abandons them)
+        writer.close()
     summary.interrupted = stop.is_set() and (not ended or summary.ok + summary.skipped + summary.failed < summary.total)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -392,13 +463,13 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
 
 def load_image_job(item: Item, factor: int, options: Options, seed: int | None = None) -> _Job:
     """Read, decode and prepare one image (no model needed: a Ray read task calls it)."""
-    try:
-        data = item.data if item.data is not None else item.path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read: {e.strerror or e}") from None
+    if item.data is not None:  # a tar member
+        data, source = item.data, provenance.of_bytes(item.data, item.source, item.rel.as_posix())
+    else:
+        data, source = provenance.read_source(item.path, item.rel.as_posix())
     item.data = None  # the decoded image is what is kept from here on
     loaded = images.read_image(data, max_pixels=options.max_pixels, alpha_background=options.alpha_background)
-    info = {"loaded": loaded, "sha256": hashlib.sha256(data).hexdigest()}
+    info = {"loaded": loaded, "source": source}
     if options.buckets is None:
         x, info["geometry"] = images.prepare(loaded.rgb, factor=factor, resize=options.resize,
                                              center_crop=options.center_crop)
@@ -468,7 +539,7 @@ def _metadata(job: _Job, vae, info, settings: dict, seed) -> dict[str, str]:
     g, loaded = job.info["geometry"], job.info["loaded"]
     return {**settings, "format": latents.FORMAT, "model": info.name, "weights": info.weights, "scaled": "true",
             "seed": str(seed) if seed is not None else "",
-            "source": job.item.source, "source_sha256": job.info["sha256"],
+            "source": job.item.source, **job.info["source"].metadata(),
             "width": str(g.width), "height": str(g.height), "color_mode": loaded.mode,
             "exif_transposed": str(loaded.exif_transposed).lower(),
             "resized": "x".join(map(str, g.resized)) if g.resized else "", "crop_box": _box(g.crop),
@@ -500,6 +571,25 @@ def _run_seed(options: Options) -> int | None:
     if options.store != "sample" and not (options.buckets and options.crop == "random"):
         return None
     return options.seed if options.seed is not None else secrets.randbits(63)
+
+
+def latent_check(settings: dict[str, str], options: Options):
+    """resume's check(item) for latent files: written with `settings` (else a conflict) from this very source
+    (else redone, saying why: see provenance.judge)."""
+    def check(item):
+        try:
+            meta, shapes = latents.read_metadata(item.output)
+        except InputError:
+            return "redo", "incomplete output"
+        state, reason = latents.check_metadata(meta, shapes, settings)
+        if state != "done":
+            return state, reason
+        if item.data is not None or item.key is not None:  # a tar sample: its shard's identity is the sink's
+            return "done", ""
+        same, why = provenance.judge(meta, item.path, item.rel.as_posix(), options.verify_sources)
+        return ("done", "") if same else ("redo", why)
+
+    return check
 
 
 def _through(sink, items: Iterable[Item], report):
@@ -559,9 +649,9 @@ def encode_steps(vae: AutoencoderKL, info, options: Options, sink, *, warn=None,
         shape = list(tensors["latent"].shape)
         where = sink.write(job.item, latents.to_bytes(tensors, meta),
                            {"shape": shape, "source": meta["source"], "source_sha256": meta["source_sha256"]})
-        return Record(job.item.source, where, "ok", shape=shape)
+        return _ok(job.item, shape, output=where)
 
-    sink.open(settings, lambda path: latents.check(path, settings))
+    sink.open(settings, latent_check(settings, options))
     return Steps(sink.check, image_loader(vae.config.factor, options, seed), compute, finish, seed)
 
 
@@ -601,14 +691,26 @@ def _scale_shift(meta: dict, options: Options) -> tuple[float, float]:
     if scale is None:
         raise InputError("the file does not say how its latent was scaled: pass --scaling-factor "
                          "(and --shift-factor) as used when it was written")
-    if scale == 0:
-        raise InputError("scaling_factor 0")
+    if not (math.isfinite(scale) and scale > 0):
+        raise InputError(f"scaling_factor {scale!r} is not a finite positive number; pass --scaling-factor")
+    if not math.isfinite(shift):
+        raise InputError(f"shift_factor {shift!r} is not a finite number; pass --shift-factor")
     return scale, shift
 
 
 def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> _Job:
-    latent, meta = latents.read(item.path if item.data is None else item.data, options.key)
+    if item.data is not None:  # a tar member
+        data, source = item.data, provenance.of_bytes(item.data, item.source, item.rel.as_posix())
+    else:
+        data, source = provenance.read_source(item.path, item.rel.as_posix())
     item.data = None
+    latent, meta = latents.parse(data, options.key)
+    if not latent.is_floating_point():
+        raise InputError(f"tensor {options.key!r} holds {str(latent.dtype).replace('torch.', '')} values; "
+                         "a latent is floating point")
+    latent = latent.float()
+    if not _finite(latent):
+        raise InputError(f"the file stores NaN/inf in tensor {options.key!r}; nothing to decode")
     channels = vae.config.latent_channels
     if latent.shape[0] != channels:
         raise InputError(f"latent has {latent.shape[0]} channels; model {info.name!r} takes {channels}")
@@ -630,7 +732,9 @@ def _load_latent_job(item: Item, vae: AutoencoderKL, info, options: Options) -> 
             raise InputError(f"metadata valid_box {meta['valid_box']!r} is not 'left,top,right,bottom'") from None
         if len(valid) != 4 or not (0 <= valid[0] < valid[2] <= w and 0 <= valid[1] < valid[3] <= h):
             raise InputError(f"metadata valid_box {meta['valid_box']!r} does not fit a {w}x{h} image")
-    return _Job(item, tuple(z.shape), z, {"valid": valid})
+    if not _finite(z):
+        raise InputError(f"NaN/inf after unscaling (scaling_factor {scale!r}, shift_factor {shift!r})")
+    return _Job(item, tuple(z.shape), z, {"valid": valid, "source": source})
 
 
 def _crop(image: torch.Tensor, box) -> torch.Tensor:
@@ -640,12 +744,23 @@ def _crop(image: torch.Tensor, box) -> torch.Tensor:
 
 def _decoded(vae, z: torch.Tensor, options: Options, warn) -> list:
     images_ = _guarded(decode_batch, vae, z, options, warn, "decode").cpu()
-    return [img if _finite(img) else InputError("the model gives NaN/inf for this latent even in fp32")
+    return [img if _finite(img) else InputError("the model gives NaN/inf for this latent even in fp32 "
+                                                "(the latent in the file is finite)")
             for img in images_]
 
 
-def _write_image(path: Path, rgb: np.ndarray, options: Options) -> None:
-    latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality))
+def _write_image(path: Path, rgb: np.ndarray, options: Options, record: dict | None = None) -> None:
+    latents.atomic_write(path, images.encode_image(rgb, options.image_format, options.quality, record=record))
+
+
+DECODED = "latentctl-decoded/1"
+
+
+def _decode_settings(info, options: Options) -> dict[str, str]:
+    """What a decoded image recorded must match for it to count as done."""
+    return {"weights_sha256": info.weights_sha256, "key": options.key, "quality": str(options.quality),
+            "scaling_factor": "" if options.scaling_factor is None else repr(options.scaling_factor),
+            "shift_factor": "" if options.shift_factor is None else repr(options.shift_factor)}
 
 
 def decode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Options, *, report=None, warn=None,
@@ -658,13 +773,24 @@ def decode_files(vae: AutoencoderKL, info, items: Iterable[Item], options: Optio
     def compute(jobs):
         return _decoded(vae, torch.stack([j.x for j in jobs]).to(device), options, warn)
 
+    settings = _decode_settings(info, options)
+
     def finish(job, image):
         rgb = images.to_uint8(_crop(image, job.info["valid"]))
-        where = sink.write(job.item, images.encode_image(rgb, options.image_format, options.quality))
-        return Record(job.item.source, where, "ok", shape=[3, *rgb.shape[:2]])
+        data = images.encode_image(rgb, options.image_format, options.quality,
+                                   record={"format": DECODED, **settings, **job.info["source"].metadata()})
+        return _ok(job.item, [3, *rgb.shape[:2]], output=sink.write(job.item, data))
 
-    def check(path):
-        return ("done", "") if images.is_valid_image(path) else ("redo", "")
+    def check(item):
+        recorded = images.read_record(item.output)
+        if recorded is None:
+            return "redo", "incomplete output"
+        if recorded.get("format") != DECODED:
+            return "redo", "no record of its source"
+        if any(recorded.get(k) != v for k, v in settings.items()):
+            return "redo", "settings changed"
+        same, why = provenance.judge(recorded, item.path, item.rel.as_posix(), options.verify_sources)
+        return ("done", "") if same else ("redo", why)
 
     sink = sink if sink is not None else FileSink(None, "." + options.image_format)
     sink.open({}, check)
@@ -706,7 +832,7 @@ def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Option
         box = job.info["geometry"].valid
         recon = images.to_uint8(_crop(image, box))
         original = images.to_uint8(_crop(job.x, box))
-        if job.info["loaded"].mode.startswith(("I", "F")):  # 16-bit/float: compare against full precision
+        if job.info["loaded"].mode.startswith(("I", "F")) or job.info["loaded"].mode.endswith(";16"):  # 16-bit/float: compare against full precision
             reference = _crop(job.x, box).add(1).div(2).clamp(0, 1)
         else:
             reference = torch.from_numpy(original).permute(2, 0, 1).float() / 255
@@ -718,8 +844,7 @@ def roundtrip_files(vae: AutoencoderKL, info, items: list[Item], options: Option
         if job.item.output is not None:
             _write_image(job.item.output, recon, options)
             _write_image(compare_path(job.item.output), images.side_by_side(original, recon), options)
-        return Record(job.item.source, str(job.item.output) if job.item.output else None, "ok",
-                      shape=[3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
+        return _ok(job.item, [3, *recon.shape[:2]], psnr=psnr(reference, got), ssim=s)
 
     summary = _drive(items, None, image_loader(vae.config.factor, options), compute, finish,
                      options, report, stop)

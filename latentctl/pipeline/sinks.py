@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from . import index as index_mod
-from .inputs import temp_path
+from .outputs import temp_path
 from .latents import atomic_write, read_metadata
 from .sources import LATENT_EXT, Shard
 
@@ -38,7 +38,7 @@ class FileSink:
         self._lock = threading.Lock()
 
     def open(self, settings: dict, check) -> None:
-        """check(path) -> (state, reason) for an output that exists (latents.check, or an image check)."""
+        """check(item) -> (state, reason) for an item whose output exists (run.latent_check, or decode's check)."""
         self._check = check
 
     def place(self, item):
@@ -49,7 +49,7 @@ class FileSink:
     def check(self, item) -> tuple[str, str]:
         if item.output is None or not item.output.exists() or self._check is None:
             return "todo", ""
-        return self._check(item.output)
+        return self._check(item)
 
     def _carried_path(self, item, ext: str) -> Path:
         return item.output.with_name(item.output.name[:-len(self.suffix)] + "." + ext)

@@ -8,7 +8,6 @@ encoding that frame as an image gives. Metadata adds kind=clip, frames, fps (of 
 timestamps and frame_indices (in the source), source_fps, and the frame selection (see frames.Selection).
 """
 
-import hashlib
 import json
 import threading
 import time
@@ -22,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from .. import buckets as bucketing
 from ..errors import InputError, LatentctlError, Skip
 from ..metrics import psnr, ssim
-from . import images, latents, run
+from . import images, latents, provenance, run
 from .clip_writers import ClipWriter, clip_output, compare_output, is_complete
 from .frames import FrameReader, Selection
 from .inputs import Item, resume
@@ -53,14 +52,6 @@ class ClipRecord(run.Record):
 def _frame_item(item: Item, index: int) -> Item:
     """Frame `index` of a clip as an item of its own: --store sample draws its noise from this path."""
     return replace(item, rel=PurePosixPath(f"{item.rel.as_posix()}#{index}"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _device(vae) -> torch.device:
@@ -231,7 +222,8 @@ def encode_clips(vae, info, items: list[Item], options: run.Options, selection: 
                 raise _no_frames(reader)
             fps = _clip_fps(reader, selection, warn, item.source)
             mode = "RGB" if reader.info.reader == "pyav" else "RGBA"
-            job = run._Job(item, (), None, {"geometry": geometry, "sha256": _sha256(item.path), "bucket": bucket,
+            job = run._Job(item, (), None, {"geometry": geometry, "bucket": bucket,
+                                            "source": provenance.identify(item.path, item.rel.as_posix()),
                                             "loaded": images.Loaded(None, mode, False, mode == "RGBA")})
             meta = run._metadata(job, vae, info, settings, seed) | {
                 "kind": KIND, "frames": str(spool.frames), "fps": repr(fps),
@@ -241,7 +233,7 @@ def encode_clips(vae, info, items: list[Item], options: run.Options, selection: 
             return ClipRecord(item.source, str(item.output), "ok", shape=[spool.frames, *stored[0]["latent"].shape],
                               frames=spool.frames, fps=fps)
 
-    summary = _drive(items, lambda path: latents.check(path, settings), work, options, report, stop, claims)
+    summary = _drive(items, run.latent_check(settings, options), work, options, report, stop, claims)
     summary.seed = seed
     return summary
 
@@ -315,12 +307,12 @@ def decode_clips(vae, info, items: list[Item], options: run.Options, clip_format
     stop = stop if stop is not None else threading.Event()
     items = [replace(i, output=clip_output(i.output, clip_format)) for i in items]
 
-    def check(path: Path):
+    def check(item: Item):
         try:
-            frames = latents.read_metadata(next(i.path for i in items if i.output == path))[1][options.key][0]
+            frames = latents.read_metadata(item.path)[1][options.key][0]
         except Exception:  # the input is unreadable: decode reports it
             return "redo", ""
-        return ("done", "") if is_complete(path, clip_format, frames) else ("redo", "")
+        return ("done", "") if is_complete(item.output, clip_format, frames) else ("redo", "")
 
     def work(item: Item):
         clip = _open_clip_latent(item.path, vae, info, options)
