@@ -329,3 +329,45 @@ def test_8_temp_names_are_unique_and_stale_temps_are_cleaned(weights, tmp_path, 
     left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(outputs.TEMP_SUFFIX)
                   or p.suffix == ".safetensors")
     assert left == sorted(["a.safetensors", live])
+
+
+# --- 3. signals: at start-up and mid-run, clean exits ----------------------------------------------------------
+
+def _no_partial(out: Path) -> None:
+    assert not [p for p in out.rglob("*") if p.name.endswith(".latentctl-tmp")]
+    for path in out.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert f.get_tensor("latent").shape[0] == 4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_3_signal_at_start_up_exits_cleanly(sig, weights, tmp_path):
+    """During the imports (0.4 s in): exit 130/143, one line, no traceback. (benchmarks/drills.py repeats this at
+    random moments of the first 2 s.)"""
+    _img(tmp_path / "imgs" / "a.png", 0)
+    proc = subprocess.Popen(_command("encode", tmp_path / "imgs", "-o", tmp_path / "out", "-w", weights["a"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    _no_partial(tmp_path / "out")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_3_signal_mid_run_finishes_writes_and_exits_130_or_143(sig, weights, tmp_path):
+    imgs, out = tmp_path / "imgs", tmp_path / "out"
+    for i in range(24):
+        _img(imgs / f"{i:02d}.png", i, size=(48, 40))
+    proc = subprocess.Popen(_command("encode", imgs, "-o", out, "-w", weights["a"], "--batch-size", "1",
+                                     "--workers", "1", "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not list(out.glob("*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert "interrupted" in err
+    _no_partial(out)
+    assert 0 < len(list(out.glob("*.safetensors"))) < 24

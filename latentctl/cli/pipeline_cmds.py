@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from .. import api, buckets as bucketing
+from .. import api, buckets as bucketing, interrupts
 from ..modules import precision
 from ..errors import InputError, UsageError
 from ..pipeline import by_model, datasets, images, media, run
@@ -147,17 +147,9 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
     if vae is not None:   # None: fn loads its models itself (decode per file) and holds them so
         vae = precision.hold(vae, precision.weights_dtype(options.dtype))
-    stop, caught = threading.Event(), []
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now (outputs are still never partial)
-        caught.append(signum)
-        stop.set()
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = threading.Event()
+    interrupts_ = interrupts.during_run(stop)  # first SIGINT/SIGTERM: stop after the writes in flight
+    caught = interrupts_.__enter__()
     records, closed = [], []
     bar = output.progress(len(items) if hasattr(items, "__len__") else None, verb, quiet)
 
@@ -190,8 +182,7 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
             progress.close(finished=summary is not None and not summary.interrupted)
         if bar is not None:
             bar.stop()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        interrupts_.__exit__(None, None, None)
     if verb == "roundtrip" and not json:
         _roundtrip_table(records)
     seed = f", seed {summary.seed}" if summary.seed is not None else ""
