@@ -265,7 +265,7 @@ def encode(inputs: list[str] = Inputs,
     if fn is not None:  # --engine ray: image files to latent files
         scale.check_engine_items(items, to)
         _execute("encode", fn, vae, info, items, options, json, quiet, rank,
-                 scale.progress(out, rank, planned, items, None), **engine_args)
+                 scale.progress(out, rank, planned, items, None), sink=sink, **engine_args)
     elif isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
         claims = Claims()
         _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
