@@ -165,7 +165,7 @@ def test_wds_output_read_by_webdataset_equals_per_file_mode(shards, weights, tmp
     code, _, err = cli(capsys, "encode", f"{shards}/{{00000..00001}}.tar", "-o", out, "-w", weights, "--to", "wds")
     assert code == 0, err
     assert cli(capsys, "encode", shards, "-o", ref, "-w", weights, "-q")[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json",
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["00000.parquet", "00000.tar", "00000_stats.json",
                                                       "00001.parquet", "00001.tar", "00001_stats.json",
                                                       "index.parquet"]
     seen = {}
