@@ -104,8 +104,7 @@ def same_latents(a: Path, b: Path, exact: bool = False) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """Hidden files left in an output folder (claims, temp files) besides the progress records."""
-    return sorted(p.name for p in folder.rglob(".*")
-                  if ".latentctl-progress" not in p.parts and p.name != ".latentctl-index.lock")
+    return sorted(p.name for p in folder.rglob(".*") if ".latentctl-progress" not in p.parts)
 
 
 # --- ranks ---------------------------------------------------------------------------------------------------
@@ -350,6 +349,10 @@ def test_ray_engine_writes_the_single_process_outputs(imgs, tiny, single, tmp_pa
     assert leftovers(out) == []
     code, text, _ = cli(capsys, "status", out, "--json")
     assert json.loads(text)["done"] == N
+    import pyarrow.parquet as pq  # the index lists every latent, as the default engine's does
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(outputs(single)) and {r["status"] for r in rows} == {"ok"}
+    assert all(r["shape"] and r["source_sha256"] for r in rows)
     summary = ray_encode(imgs, tiny, out)
     assert (summary.ok, summary.skipped) == (0, N)
 

@@ -171,3 +171,73 @@ def test_encode_of_an_unknown_single_file_is_refused_before_any_work(tmp_path, c
     for bad in ("0", "-1", "nan", "inf"):
         code, _, err = cli(capsys, "encode", image, "-o", tmp_path / "o2", "-w", weights, "--scaling-factor", bad)
         assert code == 2 and "--scaling-factor" in err
+
+
+# --- decode: the model each file records, per file ---------------------------------------------------------------
+
+def _pixels(path: Path):
+    import numpy as np
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_decode_finds_the_recorded_weights_when_the_named_model_has_none_here(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    weights = tiny_weights(tmp_path / "w" / "vae.safetensors")
+    toml = tmp_path / "models.toml"   # like `--model sd3 --weights X`: the entry's own weights are not here
+    toml.write_text('[mine]\nrepo = "nobody/nothing"\nscaling_factor = 0.6\nshift_factor = 0.1\nch_mult = [1, 2]\n')
+    code, _, err = cli(capsys, "encode", photo(tmp_path / "in" / "a.png"), "-o", tmp_path / "lat", "-m", "mine",
+                       "-w", weights, "--models", toml, "-q")
+    assert code == 0, err
+    for extra in (["--models", toml], []):   # with or without the entry at decode time
+        out = tmp_path / f"dec{len(extra)}"
+        code, _, err = cli(capsys, "decode", tmp_path / "lat", "-o", out, *extra)
+        assert code == 0, err
+        assert Image.open(out / "a.png").size == (24, 20)
+    assert (_pixels(tmp_path / "dec0" / "a.png") == _pixels(tmp_path / "dec2" / "a.png")).all()
+    # moved weights: --weights is used for files whose recorded weights are gone, if it is the same file
+    moved = tmp_path / "elsewhere" / "vae.safetensors"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    code, _, err = cli(capsys, "decode", tmp_path / "lat", "-o", tmp_path / "gone")
+    assert code == 1 and "not on this machine" in err and "--weights" in err
+    code, _, err = cli(capsys, "decode", tmp_path / "lat", "-o", tmp_path / "moved", "-w", moved)
+    assert code == 0, err
+    assert (_pixels(tmp_path / "moved" / "a.png") == _pixels(tmp_path / "dec0" / "a.png")).all()
+    other = tiny_weights(tmp_path / "other" / "vae.safetensors", seed=5)
+    code, _, err = cli(capsys, "decode", tmp_path / "lat", "-o", tmp_path / "other-out", "-w", other)
+    assert code == 1 and "other weights" in err
+
+
+def test_a_mixed_model_folder_decodes_grouped_and_an_unknown_model_costs_only_its_file(tmp_path, capsys,
+                                                                                       monkeypatch):
+    from latentctl import api
+    from latentctl.pipeline import decode_files, plan_decode
+
+    a = tiny_weights(tmp_path / "a" / "vae.safetensors", seed=0)
+    b = tiny_weights(tmp_path / "b" / "vae.safetensors", seed=1, z_channels=8, embed_dim=8)  # 8 latent channels
+    gone = tiny_weights(tmp_path / "gone" / "vae.safetensors", seed=2)
+    lat = tmp_path / "lat"
+    for weights, folder, n in ((a, "by-a", 3), (b, "by-b", 2), (gone, "0-first", 1)):
+        imgs = [photo(tmp_path / "in" / folder / f"{i}.png", size=(20 + 2 * i, 16), seed=i) for i in range(n)]
+        code, _, err = cli(capsys, "encode", *imgs, "-o", lat / folder, "-w", weights, "--scaling-factor", "0.5", "-q")
+        assert code == 0, err
+    gone.unlink()   # the alphabetically first file's model is now unknown here
+    loads = []
+    real_load = api.load
+    monkeypatch.setattr(api, "load", lambda *a, **k: loads.append((a, k.get("weights"))) or real_load(*a, **k))
+    code, out, err = cli(capsys, "decode", lat, "-o", tmp_path / "dec", "--json")
+    assert code == 1
+    records = {Path(r["input"]).relative_to(lat).as_posix(): r for r in map(json.loads, out.splitlines())}
+    assert records["0-first/0.safetensors"]["status"] == "error"
+    assert "not on this machine" in records["0-first/0.safetensors"]["error"]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == \
+        [f"error: {lat / '0-first/0.safetensors'}: {records['0-first/0.safetensors']['error']}"]
+    assert {k: r["status"] for k, r in records.items() if not k.startswith("0-")} == \
+        {f"by-a/{i}.safetensors": "ok" for i in range(3)} | {f"by-b/{i}.safetensors": "ok" for i in range(2)}
+    assert sorted(str(w) for _, w in loads) == sorted([str(a), str(b)])   # each model loaded once
+    # each file decoded exactly as with its own model alone
+    for weights, folder in ((a, "by-a"), (b, "by-b")):
+        vae, info = real_load(weights=weights)
+        decode_files(vae, info, plan_decode([str(lat / folder)], tmp_path / "ref" / folder), Options())
+        for png in (tmp_path / "ref" / folder).glob("*.png"):
+            assert (_pixels(png) == _pixels(tmp_path / "dec" / folder / png.name)).all(), png

@@ -20,12 +20,11 @@ import typer
 
 from .. import api, buckets as bucketing, interrupts
 from ..modules import precision
-from ..errors import UsageError
-from ..pipeline import datasets, images, media, run
+from ..errors import InputError, UsageError
+from ..pipeline import by_model, datasets, images, media, run
 from ..pipeline.clip_writers import CLIP_FORMATS
 from ..pipeline.frames import Selection
 from ..pipeline.inputs import split_paths
-from ..pipeline.latents import read_metadata
 from ..dist.claims import Claims
 from . import options as opt
 from . import output, scale
@@ -146,7 +145,8 @@ def _execute(verb: str, fn, vae, info, items, options: run.Options, json: bool, 
     if not items and (rank is None or rank.count == 1):
         raise UsageError("no input files found")
     # bf16: the weights are held in bf16 (no autocast casts per call; GroupNorm affines stay fp32 on CPU)
-    vae = precision.hold(vae, precision.weights_dtype(options.dtype))
+    if vae is not None:   # None: fn loads its models itself (decode per file) and holds them so
+        vae = precision.hold(vae, precision.weights_dtype(options.dtype))
     stop = threading.Event()
     interrupts_ = interrupts.during_run(stop)  # first SIGINT/SIGTERM: stop after the writes in flight
     caught = interrupts_.__enter__()
@@ -265,7 +265,7 @@ def encode(inputs: list[str] = Inputs,
     if fn is not None:  # --engine ray: image files to latent files
         scale.check_engine_items(items, to)
         _execute("encode", fn, vae, info, items, options, json, quiet, rank,
-                 scale.progress(out, rank, planned, items, None), **engine_args)
+                 scale.progress(out, rank, planned, items, None), sink=sink, **engine_args)
     elif isinstance(items, list):  # loose files: images and clips, each item claimed (runs may share OUT)
         claims = Claims()
         _execute("encode", functools.partial(media.encode_files, selection=selection), vae, info, items, options,
@@ -276,9 +276,10 @@ def encode(inputs: list[str] = Inputs,
 
 def decode(inputs: list[str] = Inputs,
            out: Path = typer.Option(..., "--output", "-o", help="Folder for the images (mirrors the inputs)."),
-           model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the one recorded in "
-                                               "the files; another one decodes them anyway)."),
-           weights: Optional[Path] = opt.Weights, models: Optional[Path] = opt.ModelsFile,
+           model: Optional[str] = typer.Option(None, "--model", "-m", help="Decode every file with this model "
+                                               "(default: each file's own, found from what it records)."),
+           weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Weights for files whose recorded "
+                                                  "weights are not on this machine (with --model: that model's)."), models: Optional[Path] = opt.ModelsFile,
            device: str = opt.Device, dtype: str = opt.Dtype, attn: str = opt.Attn, download: bool = opt.Download,
            key: str = typer.Option("latent", "--key", help="Tensor to decode (for files from other tools)."),
            scaling_factor: Optional[float] = typer.Option(None, "--scaling-factor", help="Scale the latents were "
@@ -292,14 +293,15 @@ def decode(inputs: list[str] = Inputs,
            tile: str = opt.Tile, tile_size: Optional[int] = opt.TileSize, max_memory: Optional[str] = opt.MaxMemory,
            spill_dir: Optional[str] = opt.SpillDir, json: bool = opt.Json, quiet: bool = opt.Quiet,
            shard: Optional[str] = opt.Shard, shard_by: str = opt.ShardBy):
-    """Decode latent files to images, cropped back to the original size (model, scale, shift from the metadata);
-    a clip's file to a video at its recorded fps (or a folder of frames with --format png/jpg)."""
+    """Decode latent files to images, cropped back to the original size (model, scale, shift from each file's
+    metadata; files by several models decode in one run, each model loaded once); a clip's file to a video at its
+    recorded fps (or a folder of frames with --format png/jpg)."""
     rank, device = scale.setup(shard, shard_by, device)
     options = _options(device=device, dtype=dtype, batch_size=batch_size, workers=workers, tile=tile,
                        tile_size=tile_size, max_memory=max_memory, spill_dir=spill_dir, fail_fast=fail_fast,
                        overwrite=overwrite, verify_sources=verify_sources,
                        key=key, scaling_factor=scaling_factor, shift_factor=shift_factor,
-                       check_model=model is None and weights is None, **_format(image_format, quality))
+                       check_model=model is None, **_format(image_format, quality))
     _check_scale(scaling_factor, "--scaling-factor")
     if shift_factor is not None and not math.isfinite(shift_factor):
         raise UsageError(f"--shift-factor {shift_factor}: must be a finite number")
@@ -309,32 +311,35 @@ def decode(inputs: list[str] = Inputs,
     items, sink = datasets.plan_decode(inputs, out, image_format=options.image_format,
                                        clip_format=_clip_format(image_format),
                                        part=scale.counted(planned, rank, shard_by), **paths)
-    if model is None and weights is None:
-        if hasattr(items, "__len__"):
-            model, weights = _model_from_files(items, models)
-        else:
-            meta = datasets.first_latent_metadata(inputs, stdin_lines)
-            model, weights = run.model_for_latents(meta, models) if meta is not None else ("default", None)
-    vae, info = _load_model(model, weights, models, device, attn, download)
-    if isinstance(items, list):
-        claims = Claims()
-        _execute("decode", functools.partial(media.decode_files, clip_format=_clip_format(image_format)), vae, info,
-                 items, options, json, quiet, rank, scale.progress(out, rank, planned, items, claims), claims=claims,
-                 sink=sink)
-    else:  # latent shards: one image per sample
-        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
-
-
-def _model_from_files(items, models) -> tuple:
-    """The model the first readable latent file was written with (or 'default' for other tools' files)."""
-    for item in items:
-        if item.error is None:
+    if not isinstance(items, list):  # latent shards: one model for the stream, the one its first sample records
+        if model is None:
+            meta = datasets.first_latent_metadata(inputs, stdin_lines) or {}
             try:
-                meta, _ = read_metadata(item.path)
-            except Exception:  # an unreadable file is that item's error later; try the next one
-                continue
-            return run.model_for_latents(meta, models)
-    return "default", None
+                choice = by_model.choose(meta, fallback=weights, models_file=models)
+            except InputError as e:
+                raise UsageError(f"the first latent of the shards: {e}") from None
+            model, weights = choice.model, choice.weights
+        vae, info = _load_model(model, weights, models, device, attn, download)
+        _execute("decode", run.decode_files, vae, info, items, options, json, quiet, rank, sink=sink)
+        return
+    decode_files = functools.partial(media.decode_files, clip_format=_clip_format(image_format))
+    claims = Claims()
+    progress = scale.progress(out, rank, planned, items, claims)
+    if model is not None:   # one named model for every file, whatever they record
+        vae, info = _load_model(model, weights, models, device, attn, download)
+        _execute("decode", decode_files, vae, info, items, options, json, quiet, rank, progress, claims=claims,
+                 sink=sink)
+        return
+
+    def load(name, path):
+        vae, info = _load_model(name, path, models, device, attn, download)
+        return precision.hold(vae, precision.weights_dtype(options.dtype)), info
+
+    def per_file(vae, info, items, options, **kw):
+        return by_model.decode_by_model(items, options, load, decode=decode_files, fallback=weights,
+                                        models_file=models, **kw)
+
+    _execute("decode", per_file, None, None, items, options, json, quiet, rank, progress, claims=claims, sink=sink)
 
 
 def roundtrip(inputs: list[str] = Inputs,

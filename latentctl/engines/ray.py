@@ -71,7 +71,7 @@ class _Encoder:
                 records[n] = job
             elif not self.options.overwrite and self.steps.check(job.item)[0] == "done":
                 # written by an attempt of this run that was lost after the write (the driver skipped older ones)
-                records[n] = run.Record(job.item.source, str(job.item.output), "ok")
+                records[n] = run.Record(job.item.source, str(job.item.output), "ok", item=job.item)
             else:
                 groups.setdefault(job.key, []).append(n)
         for members in groups.values():
@@ -90,8 +90,8 @@ def encode_files(vae, info, items, options: run.Options, *, report=None, warn=No
                  address: str | None = None, actors: int | None = None, num_cpus: int | None = None) -> run.Summary:
     """pipeline.run.encode_files, run on Ray. address: an existing cluster ("auto", "ray://host:10001", ...);
     None starts a local one with num_cpus (default: this machine's). actors: model replicas (default: one per
-    GPU of the cluster, else one). Latent files only (`sink`, if given, must be a FileSink: its index is not
-    written by this engine)."""
+    GPU of the cluster, else one). sink: the CLI's FileSink of OUT; its index.parquet gets a row per item (read
+    back from each written header) and is merged at the end. Latent files only (not tar shards)."""
     ray = _ray()
     started = time.perf_counter()
     warn = warn or (lambda message: None)
@@ -99,6 +99,11 @@ def encode_files(vae, info, items, options: run.Options, *, report=None, warn=No
     summary = run.Summary(total=len(items), seed=steps.seed)
 
     def emit(record: run.Record) -> None:
+        if sink is not None:
+            if record.status == "ok" and record.item is not None:
+                sink.written(record.item)  # the actor wrote it, in another process
+            else:
+                sink.record(record)
         summary.ok += record.status == "ok"
         summary.skipped += record.status == "skipped"
         summary.failed += record.status == "error"
@@ -129,6 +134,8 @@ def encode_files(vae, info, items, options: run.Options, *, report=None, warn=No
     finally:
         if own and ray.is_initialized():
             ray.shutdown()
+        if sink is not None:
+            sink.close(stop is not None and stop.is_set())
     summary.interrupted = stop is not None and stop.is_set() and \
         summary.ok + summary.skipped + summary.failed < summary.total
     summary.seconds = time.perf_counter() - started

@@ -104,6 +104,7 @@ class ClipInfo:
     codec: str
     source_fps: float               # the clip's own rate (pillow: frames over their total duration, so far)
     frames_read: int = 0            # source frames decoded (selected or not)
+    declared: int = 0               # frames the container says the stream has (0: it does not say)
 
 
 def _to_rgb(frame: np.ndarray, background) -> np.ndarray:
@@ -154,11 +155,12 @@ class FrameReader:
         try:
             if plugin == "pyav":
                 meta = self._file.metadata()
+                declared = self._file.properties().shape[0]
                 h, w = self._file.properties(index=0).shape[:2]
                 fps = float(meta.get("fps") or 0)
                 if not (fps > 0 and math.isfinite(fps)):
                     raise InputError("the video stream does not say its frame rate")
-                return ClipInfo(w, h, "pyav", str(meta.get("codec", "")), fps)
+                return ClipInfo(w, h, "pyav", str(meta.get("codec", "")), fps, declared=max(0, int(declared or 0)))
             h, w = self._file.properties(index=0).shape[:2]
             return ClipInfo(w, h, "pillow", self.path.suffix.lower().lstrip("."), DEFAULT_GIF_FPS)
         except InputError:
@@ -183,6 +185,9 @@ class FrameReader:
             try:
                 frame = next(frames)
             except StopIteration:
+                if index < self.info.declared:  # the data ran out quietly before the frames the header lists
+                    raise InputError(f"truncated: the video stream ends after {index} of its "
+                                     f"{self.info.declared} frames") from None
                 return
             except Exception as e:  # a decoder error mid-stream: truncated or corrupt data
                 raise InputError(f"corrupt or truncated clip: frame {index} does not decode "

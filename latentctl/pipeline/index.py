@@ -7,14 +7,15 @@ Columns: key; where the latent is (path: a file under OUT, or a shard `NAME.tar`
 the member's bytes in it); shape (C, h, w); source and source_sha256 (the image it came from); caption (a
 carried .txt member); status (ok | error) and error. Written atomically at the end of a run and merged with
 what earlier runs wrote: shards keep their rows in NAME.parquet (written before their stats), so the index can
-always be rebuilt from the shards that are done. Ranks and runs sharing OUT merge one at a time (an flock on
-OUT/.latentctl-index.lock), so each rank's rows join the others' and the last one to finish leaves the whole index.
+always be rebuilt from the shards that are done. Ranks and runs sharing OUT merge one at a time (under
+OUT/.latentctl-index.lock, removed after), so each rank's rows join the others' and the last one to finish leaves the whole index.
 """
 
 import contextlib
-import fcntl
 import io
 import json
+import os
+import time
 from pathlib import Path
 
 NAME = "index.parquet"
@@ -61,15 +62,28 @@ def read(path: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _merging(out_dir: Path):
-    """One merge at a time in OUT/ (concurrent ranks would otherwise lose each other's rows)."""
+def _merging(out_dir: Path, stale: float = 60.0):
+    """One merge at a time in OUT/ (concurrent ranks would otherwise lose each other's rows): a lock file created
+    with O_EXCL (works across machines on a shared folder), removed after the merge; a lock left by a run killed
+    while merging is broken after `stale` seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".latentctl-index.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    lock = out_dir / ".latentctl-index.lock"
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > stale:
+                    lock.unlink(missing_ok=True)
+                    continue
+            except FileNotFoundError:
+                continue
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def merge_files(out_dir: Path, new_rows: list[dict]) -> None:

@@ -99,6 +99,9 @@ def encode_files(vae, info, items: list[Item], options: run.Options, *, selectio
                  report=None, warn=None, stop: threading.Event | None = None, claims=None, sink=None) -> run.Summary:
     """run.encode_files for images, video.encode_clips for clips (items from plan_encode)."""
     selection.check()
+    if not isinstance(items, list):  # streamed items (tar shard samples) are images
+        return run.encode_files(vae, info, items, options, report=report, warn=warn, stop=stop, claims=claims,
+                                sink=sink)
     images, clips = _split(items, _clip)
     return _images_then_clips(
         images, clips,
@@ -114,6 +117,9 @@ def decode_files(vae, info, items: list[Item], options: run.Options, *, clip_for
     """run.decode_files for image latents, video.decode_clips for clip latents (items from plan_decode)."""
     if clip_format not in CLIP_FORMATS:
         raise ValueError(f"clip format {clip_format!r}: choose {', '.join(CLIP_FORMATS)}")
+    if not isinstance(items, list):  # streamed items (latent shard samples) are images
+        return run.decode_files(vae, info, items, options, report=report, warn=warn, stop=stop, claims=claims,
+                                sink=sink)
     images, clips = _split(items, _clip_latent)
     return _images_then_clips(
         images, clips,

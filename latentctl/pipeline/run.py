@@ -212,21 +212,6 @@ def compare_path(output: Path) -> Path:
     return output.with_name(output.stem + ".compare" + output.suffix)
 
 
-def model_for_latents(meta: dict[str, str], models_file=None) -> tuple[str | None, str | None]:
-    """(model name, weights path) for api.load() that decode uses when no --model/--weights is given."""
-    from ..registry import load_registry
-
-    if meta.get("format") != latents.FORMAT:
-        return "default", None
-    name, weights = meta.get("model", ""), meta.get("weights", "")
-    if name in load_registry(models_file):
-        return name, None
-    if weights and Path(weights).exists():
-        return None, weights
-    raise UsageError(f"the latents were written by model {name!r} (weights {weights or '?'}), which is not in "
-                     "models.toml and whose weights file is not here; pass --model NAME or --weights PATH")
-
-
 # --- the driver shared by the three commands ------------------------------------------------------------------
 
 def _first_line(e: BaseException) -> str:

@@ -78,15 +78,22 @@ class FileSink:
         if record.status == "error":
             self._row(item, "error", source=item.source, error=record.error)
         elif record.status == "skipped" and item.output is not None:
-            try:
-                meta, shapes = read_metadata(item.output)
-            except Exception:
-                return
-            txt = self._carried_path(item, "txt")
-            caption = txt.read_text("utf-8", "replace") if txt.exists() else None
-            self._row(item, "ok", size=item.output.stat().st_size, shape=shapes.get("latent"),
-                      source=meta.get("source", item.source), source_sha256=meta.get("source_sha256"),
-                      caption=caption)
+            self.written(item)
+
+    def written(self, item) -> None:
+        """An index row for an output that is complete on disk (a skipped one, or one another process wrote: the
+        Ray engine's actors), read back from its header."""
+        if not self.index or item.output is None:
+            return
+        try:
+            meta, shapes = read_metadata(item.output)
+        except Exception:
+            return
+        txt = self._carried_path(item, "txt")
+        caption = txt.read_text("utf-8", "replace") if txt.exists() else None
+        self._row(item, "ok", size=item.output.stat().st_size, shape=shapes.get("latent"),
+                  source=meta.get("source", item.source), source_sha256=meta.get("source_sha256"),
+                  caption=caption)
 
     def shard_ended(self, shard) -> None:
         pass
