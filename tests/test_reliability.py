@@ -371,3 +371,23 @@ def test_3_signal_mid_run_finishes_writes_and_exits_130_or_143(sig, weights, tmp
     assert "interrupted" in err
     _no_partial(out)
     assert 0 < len(list(out.glob("*.safetensors"))) < 24
+
+
+# --- issue 14, item 8: one path mapping for arguments and stdin ---------------------------------------------------
+
+def test_stdin_and_arguments_map_to_the_same_outputs(weights, tmp_path, capsys, monkeypatch):
+    big = tmp_path / "big"
+    x, y = _img(big / "b" / "x.png", 0), _img(big / "c" / "y.png", 1)
+    monkeypatch.chdir(tmp_path)  # stdin paths relative to the current folder, as `find big ...` prints them
+
+    def outputs_of(out: str, *args, stdin=None) -> list[str]:
+        code, stdout, err = cli(capsys, "encode", *args, "-o", out, "-w", weights["a"], "--json",
+                                stdin=stdin, monkeypatch=monkeypatch)
+        assert code == 0, err
+        return sorted(Path(r["output"]).relative_to(out).as_posix() for r in _records(stdout).values())
+
+    want = outputs_of("o1", big)
+    assert want == ["b/x.safetensors", "c/y.safetensors"]
+    assert outputs_of("o2", "-", stdin="big/b/x.png\nbig/c/y.png\n") == want          # find big -name '*.png' | ...
+    assert outputs_of("o3", x, "-", stdin="big/c/y.png\n") == want                   # mixed: one each way
+    assert outputs_of("o4", "-", "--root", big, stdin="big/b/x.png\n") == ["b/x.safetensors"]  # a part, same path

@@ -370,3 +370,48 @@ def test_kill_9_mid_shard_then_rerun_every_sample_once(weights, tmp_path):
     keys = [s["__key__"] for s in wds.WebDataset(f"{out}/{{00000..00001}}.tar", shardshuffle=False)]
     assert sorted(keys) == sorted(f"{s}{i:04d}" for s in range(2) for i in range(10))  # each exactly once
     assert len(pq.read_table(out / "index.parquet")) == 20
+
+
+_IMG2DATASET = """
+import sys
+from img2dataset import download
+if __name__ == "__main__":
+    download(url_list=sys.argv[1], input_format="parquet", url_col="url", caption_col="caption",
+             output_folder=sys.argv[2], output_format="webdataset", image_size=32, resize_mode="no",
+             processes_count=1, thread_count=2, number_sample_per_shard=2, distributor="multiprocessing",
+             enable_wandb=False)
+"""
+
+
+@pytest.mark.slow
+def test_an_img2dataset_output_folder_encodes_as_it_is(weights, tmp_path, capsys):
+    import pyarrow as pa
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ("coffee", "chelsea", "rocket")  # not the default model's held-out photos
+    for n in names:
+        Image.fromarray(getattr(data, n)()).convert("RGB").resize((48, 32)).save(photos / f"{n}.jpg")
+    pq.write_table(pa.table({"url": [(photos / f"{n}.jpg").as_uri() for n in names],
+                             "caption": [f"a photo of {n}" for n in names]}), tmp_path / "list.parquet")
+    (tmp_path / "i2d.py").write_text(_IMG2DATASET)
+    made = subprocess.run([sys.executable, str(tmp_path / "i2d.py"), str(tmp_path / "list.parquet"),
+                           str(tmp_path / "i2d")], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    i2d = tmp_path / "i2d"
+    assert sorted(p.name for p in i2d.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert (i2d / "00000.parquet").exists() and (i2d / "00000_stats.json").exists()
+    code, _, err = cli(capsys, "encode", i2d, "-o", tmp_path / "out", "-w", weights, "--to", "wds")
+    assert code == 0 and "3 ok" in err, err
+    loose = _loose(i2d, tmp_path / "loose")
+    assert cli(capsys, "encode", loose, "-o", tmp_path / "ref", "-w", weights, "-q")[0] == 0
+    for shard in ("00000", "00001"):
+        source, out = _members(i2d / f"{shard}.tar"), _members(tmp_path / "out" / f"{shard}.tar")
+        for name, blob in source.items():
+            key, ext = sources.split_name(name)
+            if ext == "jpg":
+                want = (tmp_path / "ref" / shard / f"{key}.safetensors").read_bytes()
+                assert torch.equal(st_load(out[f"{key}.latent.safetensors"])["latent"], st_load(want)["latent"])
+            else:
+                assert out[name] == blob  # .txt and .json carried byte for byte
+    assert cli(capsys, "verify", tmp_path / "out", "--sources")[0] == 0

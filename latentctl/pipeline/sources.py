@@ -247,7 +247,8 @@ def samples(shard: Shard, wanted: str = "image", *, max_member: int = MAX_MEMBER
     index = 0
     try:
         with tar:
-            for info in tar:
+            while (info := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it has read: memory would grow with the shard
                 index += 1
                 if info.isdir():
                     continue
