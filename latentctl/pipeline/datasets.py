@@ -56,6 +56,7 @@ def plan_encode(inputs: list[str], out_dir, *, to: str = "files", shard_size: in
         raise UsageError(f"--to {to!r}: choose {', '.join(TARGETS)}")
     out_dir = Path(out_dir)
     outputs.probe(out_dir)
+    outputs.clean_stale_temps([out_dir])  # a killed run's shard temporaries (file outputs: per folder, in run.py)
     stdin_lines = list(stdin_lines) if stdin_lines is not None else None  # read once, used twice
     specs = _specs(inputs, stdin_lines, paths.get("null", False))
     if sources.is_shard_input(specs):
@@ -85,6 +86,7 @@ def plan_decode(inputs: list[str], out_dir, *, image_format: str = "png", clip_f
     OUT/SHARD/KEY.png with its carried members beside it)."""
     out_dir = Path(out_dir)
     outputs.probe(out_dir)
+    outputs.clean_stale_temps([out_dir])  # a killed run's shard temporaries (file outputs: per folder, in run.py)
     part = part or (lambda xs: xs)
     stdin_lines = list(stdin_lines) if stdin_lines is not None else None
     specs = _specs(inputs, stdin_lines, paths.get("null", False))

@@ -19,6 +19,7 @@ from .. import __version__
 from . import index as index_mod
 from .outputs import temp_path
 from .latents import atomic_write, read_metadata
+from .outputs import clean_stale_temps
 from .sources import LATENT_EXT, Shard
 
 
@@ -141,6 +142,7 @@ class ShardSink:
 
     def open(self, settings: dict, check=None) -> None:
         self.settings = dict(settings)
+        clean_stale_temps([self.out_dir])  # shards a killed run was writing (its process is gone)
 
     # --- resume ---------------------------------------------------------------------------------------------
 
