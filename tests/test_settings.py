@@ -241,3 +241,53 @@ def test_a_mixed_model_folder_decodes_grouped_and_an_unknown_model_costs_only_it
         decode_files(vae, info, plan_decode([str(lat / folder)], tmp_path / "ref" / folder), Options())
         for png in (tmp_path / "ref" / folder).glob("*.png"):
             assert (_pixels(png) == _pixels(tmp_path / "dec" / folder / png.name)).all(), png
+
+
+# --- a CLI that fits the shell ----------------------------------------------------------------------------------
+
+def test_shell_completion_is_on(tmp_path):
+    from conftest import run_cli
+    r = run_cli("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "_LATENTCTL_COMPLETE" in r.stdout and "complete" in r.stdout and "latentctl" in r.stdout
+    # and the completion itself answers: `latentctl enc<TAB>`
+    r = run_cli(env={"_LATENTCTL_COMPLETE": "complete_bash", "COMP_WORDS": "latentctl enc", "COMP_CWORD": "1"})
+    assert "encode" in r.stdout.split(), (r.stdout, r.stderr)
+
+
+COMMANDS = [[], ["encode"], ["decode"], ["roundtrip"], ["bench"], ["models"], ["models", "pull"], ["info"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "latentctl")
+def test_help_reads_like_a_normal_cli(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = cli(capsys, *command, "--help")
+    assert code == 0
+    assert "<bool>" not in out and "<list[str]>" not in out and "{inputs}" not in out and "{file}" not in out
+    if command in (["encode"], ["decode"], ["roundtrip"]):
+        assert f"Usage: latentctl {command[0]} [OPTIONS] INPUTS..." in out
+        assert "--json " in out and "--scaling-factor" in out if command != ["roundtrip"] else True
+    if command == ["info"]:
+        assert "Usage: latentctl info [OPTIONS] FILE" in out
+
+
+def test_piped_tables_keep_every_path_and_hash_whole(tmp_path, capsys):
+    weights = tiny_weights(tmp_path / ("a-rather-long-folder-name-" * 4) / "vae.safetensors")
+    code, _, err = cli(capsys, "encode", photo(tmp_path / "in" / "a.png"), "-o", tmp_path / "out", "-w", weights,
+                       "--scaling-factor", "0.5", "-q")
+    assert code == 0, err
+    latent = tmp_path / "out" / "a.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    code, out, _ = cli(capsys, "info", latent)   # stdout is not a terminal here: tab-separated rows
+    assert code == 0 and "…" not in out
+    rows = dict(line.split("\t", 1) for line in out.splitlines())
+    assert rows["metadata.weights_sha256"] == sha and rows["metadata.weights"] == str(weights)
+    toml = tmp_path / "m.toml"
+    toml.write_text(f'[long]\npath = "{weights}"\nscaling_factor = 0.5\nch_mult = [1, 2]\n')
+    code, out, _ = cli(capsys, "models", "--models", toml)
+    lines = out.splitlines()
+    assert lines[0].split("\t") == ["name", "channels", "factor", "scale", "shift", "found", "weights"]
+    assert f"long\t4\t2x\t0.5\t0.0\tyes\t{weights}" in lines
+    code, out, _ = cli(capsys, "roundtrip", tmp_path / "in", "-w", weights)
+    assert code == 0 and out.splitlines()[0] == "input\tpsnr (dB)\tssim\tseconds"
+    assert out.splitlines()[1].startswith(str(tmp_path / "in" / "a.png") + "\t")

@@ -10,23 +10,23 @@ import typer
 from .. import __version__
 from ..errors import LatentctlError
 from . import output
+from .help import Command, Group
 from .bench_cmd import bench
 from .models_cmd import info, models_app
 from .pipeline_cmds import decode, encode, roundtrip
 from .status_cmd import status
 from .verify_cmd import verify
 
-app = typer.Typer(name="latentctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# Shell completion is Typer's own: `latentctl --install-completion` (bash, zsh, fish, PowerShell) or
+# `latentctl --show-completion SHELL` to print the script.
+app = typer.Typer(name="latentctl", cls=Group, no_args_is_help=True, add_completion=True,
+                  pretty_exceptions_enable=False,
                   help="Images to VAE latents and back, fast and exactly. "
                        "encode | decode | roundtrip | verify | bench | status | models | info")
 app.add_typer(models_app, name="models")
-app.command("info")(info)
-app.command("encode")(encode)
-app.command("decode")(decode)
-app.command("roundtrip")(roundtrip)
-app.command("bench")(bench)
-app.command("verify")(verify)
-app.command("status")(status)
+for name, fn in (("info", info), ("encode", encode), ("decode", decode), ("roundtrip", roundtrip), ("bench", bench),
+                 ("verify", verify), ("status", status)):
+    app.command(name, cls=Command)(fn)
 
 
 def _version(value: bool):

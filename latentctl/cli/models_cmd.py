@@ -10,8 +10,9 @@ from ..checkpoints import infer_config, load_state_dict
 from ..errors import WeightsError
 from . import options as opt
 from . import output
+from .help import Command, Group
 
-models_app = typer.Typer(help="List the named models and fetch their weights.", invoke_without_command=True,
+models_app = typer.Typer(cls=Group, help="List the named models and fetch their weights.", invoke_without_command=True,
                          no_args_is_help=False)
 
 
@@ -45,7 +46,7 @@ def models_list(ctx: typer.Context, models: Optional[Path] = opt.ModelsFile, jso
                        "yes" if r["weights_found"] else "no", r["weights"]] for r in rows])
 
 
-@models_app.command("pull")
+@models_app.command("pull", cls=Command)
 def models_pull(name: str, models: Optional[Path] = opt.ModelsFile):
     """Download a named model's weights into the Hugging Face cache (needs network and huggingface_hub)."""
     entry = registry.get_entry(name, models)

@@ -50,10 +50,26 @@ def json_line(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _cell(value) -> str:
+    """A table cell on one line: tabs and line breaks (possible in file names) written as escapes."""
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def table(title: str, columns: list[str], rows: list[list], to_stdout: bool = True) -> None:
+    """A table on a terminal (cells wrap, never cut); tab-separated lines with a header row when the stream is not
+    a terminal (piped or redirected: every path and hash whole, one row per line; --json stays the machine format)."""
+    stream = sys.stdout if to_stdout else sys.stderr
+    if not (stream.isatty() if hasattr(stream, "isatty") else False):
+        if not to_stdout:   # diagnostics for a reader (bench): the title says what was measured
+            stream.write(title + "\n")
+        stream.write("\t".join(columns) + "\n")
+        for r in rows:
+            stream.write("\t".join(_cell(x) for x in r) + "\n")
+        stream.flush()
+        return
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
     (Console(highlight=False) if to_stdout else err).print(t)
