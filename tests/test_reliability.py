@@ -138,7 +138,10 @@ def test_1_decode_redoes_images_of_other_latents_or_weights(weights, tmp_path, c
     assert cli(capsys, "encode", imgs, "-o", lat, "-w", weights["a"])[0] == 0  # a.safetensors is new
     rec = _records(cli(capsys, "decode", lat, "-o", dec, "--json")[1])
     assert (rec["a.safetensors"].get("redone"), rec["b.safetensors"]["status"]) == ("source changed", "skipped")
-    rec = _records(cli(capsys, "decode", lat, "-o", dec, "--json", "-w", weights["b"])[1])
+    toml = tmp_path / "b.toml"  # --model forces other weights on every file (--weights alone is only a fallback)
+    toml.write_text(f'[b]\npath = "{weights["b"]}"\nch = 32\nch_mult = [1, 2]\nnum_res_blocks = 1\n'
+                    'scaling_factor = 0.5\nshift_factor = 0.1\n')
+    rec = _records(cli(capsys, "decode", lat, "-o", dec, "--json", "-m", "b", "--models", toml)[1])
     assert {(r["status"], r.get("redone")) for r in rec.values()} == {("ok", "settings changed")}
 
 
