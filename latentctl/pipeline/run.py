@@ -11,7 +11,6 @@ or when a batch would not fit in memory.
 
 import copy
 import hashlib
-import json
 import math
 import queue
 import secrets
@@ -22,7 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,6 +110,11 @@ class Summary:
     @property
     def images_per_second(self) -> float:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, record: "Record") -> None:
+        self.ok += record.status == "ok"
+        self.skipped += record.status == "skipped"
+        self.failed += record.status == "error"
 
 
 @dataclass
@@ -366,9 +370,7 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
     ended = []  # set once every item has been pulled
 
     def emit(record: Record) -> None:
-        summary.ok += record.status == "ok"
-        summary.skipped += record.status == "skipped"
-        summary.failed += record.status == "error"
+        summary.count(record)
         if claims is not None and record.output is not None:
             claims.release(Path(record.output))  # after the write: the output is in place (or failed)
         if report is not None:

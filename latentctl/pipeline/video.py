@@ -144,9 +144,7 @@ def _drive(items: list[Item], check, work, options: run.Options, report, stop, c
     summary = run.Summary(total=len(items))
 
     def emit(record: run.Record) -> None:
-        summary.ok += record.status == "ok"
-        summary.skipped += record.status == "skipped"
-        summary.failed += record.status == "error"
+        summary.count(record)
         if claims is not None and record.output is not None:
             claims.release(Path(record.output))  # after the write: the output is in place (or failed)
         if report is not None:
