@@ -181,7 +181,7 @@ class LatentDataset(Dataset):
         return torch.Generator().manual_seed(_draw_seed(self.seed, self.epoch, index))
 
     def __getitem__(self, index: int) -> dict:
-        path, meta, (c, h, w) = self.paths[index], self.meta[index], self.shapes[index]
+        path, meta, (_, h, w) = self.paths[index], self.meta[index], self.shapes[index]
         g = self._generator(index)
         flipped = self.flip == "always" or (self.flip == "random" and bool(torch.rand((), generator=g) < 0.5))
         suffix = "_flipped" if flipped else ""

@@ -13,8 +13,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import run_main
+
 import latentctl
-from latentctl.cli.app import main
 from latentctl.errors import UsageError
 from latentctl.modules import AEConfig, AttnBlock, AutoencoderKL
 from latentctl.pipeline import Options, encode_files, plan_encode
@@ -39,12 +40,7 @@ def make_diffusers(layout: str) -> DiffusersVAE:
     return vae.eval()
 
 
-def cli(capsys, *args):
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
+cli = run_main  # the CLI in this process: (exit code, stdout, stderr)
 
 
 def tiny_weights(path: Path, seed: int = 0, **config) -> Path:

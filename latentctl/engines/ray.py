@@ -17,12 +17,11 @@ Without --ray-address a local cluster is started (no dashboard) and stopped at t
 import os
 import pickle
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 
-from ..errors import InputError, UsageError
+from ..errors import UsageError
 from ..pipeline import run
 from ..pipeline.inputs import resume_one
 from ..pipeline.sinks import FileSink
