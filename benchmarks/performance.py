@@ -125,7 +125,7 @@ def precision_case(vae, what: str, size: int, repeat: int, force_bf16: bool = Fa
     models = {"latentctl fp32": vae, "diffusers fp32": twin}
     bf16 = device.type == "cuda" or precision.cpu_has_bf16_kernels() or force_bf16
     if bf16:
-        models["latentctl bf16"] = bench.prepare(vae, torch.bfloat16, bench.memory_format(vae))  # as load holds it
+        models["latentctl bf16"] = bench.prepare(vae, torch.bfloat16, bench.auto_format(vae, torch.bfloat16))  # as load holds it
         models["diffusers bf16"] = torch.nn.Module.to(copy.deepcopy(twin), dtype=torch.bfloat16)
     f = vae.config.factor
     g = torch.Generator().manual_seed(0)

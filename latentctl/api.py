@@ -182,8 +182,6 @@ def load(model: str | None = None, *, weights: str | Path | None = None, device:
     vae.config.scaling_factor, vae.config.shift_factor = scale, shift
     info = ModelInfo(s.name, "random" if s.path is None else str(s.path), s.sha256, s.source)
     vae.set_attn_backend(attn)
-    if dev.type == "cpu":
-        # oneDNN's CPU convolutions run ~1.4x faster on NHWC (measured with `latentctl bench --memory-format`);
-        # on an H200 NCHW was faster (benchmarks/gpu_check.py), so CUDA keeps the default layout.
-        vae = vae.to(memory_format=torch.channels_last)
+    # On a CPU hold() also sets the layout that dtype runs fastest in (precision.cpu_layout: NCHW for fp32 with
+    # NNPACK, else channels_last, oneDNN's); on an H200 NCHW was faster (benchmarks/gpu_check.py), CUDA keeps it.
     return precision.hold(vae.to(dev), held), info

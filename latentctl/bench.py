@@ -172,6 +172,14 @@ def memory_format(model: torch.nn.Module) -> str:
     return "contiguous"
 
 
+def auto_format(vae: AutoencoderKL, dtype: torch.dtype) -> str:
+    """The layout latentctl.load(dtype=...) gives on this device: on a CPU precision.cpu_layout (NCHW for fp32 with
+    NNPACK, else channels_last), elsewhere the layout the model is in."""
+    if next(vae.parameters()).device.type == "cpu":
+        return "channels_last" if precision.cpu_layout(dtype) == torch.channels_last else "contiguous"
+    return memory_format(vae)
+
+
 def measure(fns: dict[str, Callable], repeat: int, device: torch.device, meter) -> tuple[dict, float | None]:
     """Warm each fn up once, then time them `repeat` times, interleaved (the order alternates every round).
 
@@ -224,7 +232,7 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype, fmt: str = "contiguous")
     # nn.Module.to: diffusers' own .to() logs advice to stderr, and the library never prints
     model = torch.nn.Module.to(copy.deepcopy(model), memory_format=MEMORY_FORMATS[fmt])
     if isinstance(model, AutoencoderKL):  # ours as latentctl.load(dtype=...) holds it (GroupNorm affines fp32 on CPU)
-        return precision.hold(model, dtype)
+        return precision.hold(model, dtype, MEMORY_FORMATS[fmt])
     return torch.nn.Module.to(model, dtype=dtype)  # diffusers as a user casts it
 
 
@@ -245,9 +253,7 @@ def run(vae: AutoencoderKL, *, whats=WHATS, attns=("sdpa",), dtypes=("auto",), s
     for s in sizes:
         if s <= 0 or s % cfg.factor:
             raise UsageError(f"--size {s}: must be a positive multiple of {cfg.factor} (the model's factor)")
-    # auto: the layout the loaded model is in, which is what encode/decode run (channels_last on CPU)
-    memory_formats = [memory_format(vae) if f == "auto" else f for f in memory_formats]
-    bad = [f for f in memory_formats if f not in MEMORY_FORMATS]
+    bad = [f for f in memory_formats if f != "auto" and f not in MEMORY_FORMATS]
     if bad:
         raise UsageError(f"--memory-format {bad[0]!r}: choose from auto, {', '.join(MEMORY_FORMATS)}")
     if repeat < 1 or any(b < 1 for b in batches):
@@ -282,7 +288,9 @@ def run(vae: AutoencoderKL, *, whats=WHATS, attns=("sdpa",), dtypes=("auto",), s
     if torch.bfloat16 in ok_dtypes and device.type == "cpu" and not cpu_has_fast_bf16() and on_warning:
         on_warning("bf16 on this CPU has no fast kernels (no AVX-512 BF16/AMX): convolutions run ~100x "
                    "slower than fp32; expect a long run")
-    for dt, fmt in [(dt, fmt) for dt in ok_dtypes for fmt in memory_formats]:
+    # auto: the layout encode/decode run in at that dtype (auto_format); each layout once per dtype
+    cases = [(dt, auto_format(vae, dt) if f == "auto" else f) for dt in ok_dtypes for f in memory_formats]
+    for dt, fmt in dict.fromkeys(cases):
         ours = prepare(vae, dt, fmt)
         theirs = prepare(twin, dt, fmt) if twin is not None else None
         for a in ok_attns:

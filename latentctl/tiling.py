@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .modules import fastconv
 from .modules.attention import AttnBlock, LinAttnBlock, NoAttn
 from .modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from .modules.blocks import Downsample, ResnetBlock, Upsample
@@ -316,8 +317,8 @@ def _conv_region(m: nn.Conv2d, pad: int, t: torch.Tensor, have, out_r, h: int, w
     need = (out_r[0] - pad, out_r[1] + pad, out_r[2] - pad, out_r[3] + pad)
     clip = _grow(out_r, pad, h, w)
     if clip == need:
-        return F.conv2d(_crop(t, have, clip), m.weight, m.bias)
-    y = F.conv2d(_crop(t, have, clip), m.weight, m.bias, padding=pad)
+        return fastconv.conv2d(_crop(t, have, clip), m.weight, m.bias)
+    y = fastconv.conv2d(_crop(t, have, clip), m.weight, m.bias, padding=pad)
     return y if clip == out_r else _crop(y, clip, out_r)
 
 

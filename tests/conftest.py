@@ -108,3 +108,13 @@ def tiny_vae():
 def tiny_weights(tmp_path):
     """TINY's weights (seed 0) as tmp_path/tiny.safetensors."""
     return save_weights(make_tiny_vae(), tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def direct_convs(monkeypatch):
+    """Every convolution on oneDNN's direct kernels (modules/fastconv.py off), for tests that compare two of our
+    code paths (tiled and untiled, eager and traced) to 1e-5 or closer: NNPACK's Winograd rounds differently with
+    the tile's position, about 1e-5 of a layer's scale. tests/test_fastconv.py bounds the paths with it on."""
+    from latentctl.modules import fastconv
+
+    monkeypatch.setattr(fastconv, "nnpack_ready", lambda: False)

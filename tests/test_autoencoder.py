@@ -180,9 +180,10 @@ def test_unpadded_downsample_equals_pad_then_conv(h, w):
 
 
 @pytest.mark.slow
-def test_torch_compile_traces_each_half_as_one_graph(pair):
+def test_torch_compile_traces_each_half_as_one_graph(pair, direct_convs):
     """torch.compile sees encoder and decoder whole (no graph break: a break makes it recompile per block and
-    fall back to eager), and the traced graph computes what eager does."""
+    fall back to eager), and the traced graph computes what eager does (eager on oneDNN like the trace: NNPACK's
+    Winograd, which a trace never takes, rounds differently, tests/test_fastconv.py)."""
     _, _, folder = pair
     vae = load_autoencoder(folder).eval()
     x = images(h=32, w=32)

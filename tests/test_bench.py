@@ -11,7 +11,7 @@ from latentctl import bench
 from latentctl.cli.app import app
 from latentctl.errors import UsageError
 from latentctl.flops import model_flops
-from latentctl.modules import AEConfig, AutoencoderKL, precision
+from latentctl.modules import AEConfig, AutoencoderKL, fastconv, precision
 from latentctl.registry import get_entry
 
 TINY_TOML = """
@@ -64,10 +64,12 @@ def test_json_rows_schema_and_unavailable_backend(tiny_models):
         assert r["ms_per_image_min"] <= r["ms_per_image"] <= r["ms_per_image_max"]
         assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"], rel=0.01)
         assert r["vs_diffusers"] is None and r["reason"] is None
-    # the table (stderr) says which mode ran: by default the layout encode/decode use, channels_last on CPU
-    assert {r["memory_format"] for r in ok} == {"channels_last"}
-    auto = "bf16" if precision.cpu_has_bf16_kernels() else "fp32"  # --dtype auto on a CPU (tests/test_bf16.py)
-    assert f"mode: {auto} channels_last" in " ".join(res.stderr.split())
+    # the table (stderr) says which mode ran: by default the layout encode/decode use at that dtype on a CPU,
+    # NCHW for fp32 when NNPACK serves its convolutions, else channels_last (modules/precision.py)
+    auto = torch.bfloat16 if precision.cpu_has_bf16_kernels() else torch.float32  # --dtype auto (test_bf16.py)
+    fmt = "contiguous" if auto == torch.float32 and fastconv.nnpack_ready() else "channels_last"
+    assert {r["memory_format"] for r in ok} == {fmt}
+    assert f"mode: {bench.DTYPE_NAMES[auto]} {fmt}" in " ".join(res.stderr.split())
 
 
 def test_only_unavailable_backends_exit_2_with_one_line(tiny_models, cli):

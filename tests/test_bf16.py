@@ -40,7 +40,7 @@ def test_inplace_reload_in_inference_mode_decodes_with_the_new_weights():
     assert (got - want).abs().max() < 1e-6
 
 
-def test_inplace_reload_also_holds_channels_last_and_tiled():
+def test_inplace_reload_also_holds_channels_last_and_tiled(direct_convs):
     """The same with the CPU layout (channels_last weights, as latentctl.load gives) and through tiled decode."""
     from latentctl import tiling
 
@@ -79,7 +79,7 @@ def test_latent_read_from_a_file_decodes_as_stored(tmp_path, stored):
             assert (vae.encode(x.to(dtype)).mean - vae.encode(x.to(dtype).float()).mean).abs().max() < 1e-6
 
 
-def test_tiled_paths_accept_other_float_types():
+def test_tiled_paths_accept_other_float_types(direct_convs):
     from latentctl import tiling
 
     vae = _tiny(seed=6)
@@ -95,7 +95,7 @@ def test_tiled_paths_accept_other_float_types():
 @pytest.mark.parametrize("kernels", [True, False])
 def test_auto_picks_bf16_exactly_when_the_cpu_has_bf16_kernels(monkeypatch, kernels):
     import latentctl
-    from latentctl.modules import precision
+    from latentctl.modules import fastconv, precision
 
     monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: kernels)
     want = torch.bfloat16 if kernels else torch.float32
@@ -105,7 +105,9 @@ def test_auto_picks_bf16_exactly_when_the_cpu_has_bf16_kernels(monkeypatch, kern
     for m in vae.modules():  # convolutions in the compute dtype, GroupNorm affines float32 (precision.hold)
         if isinstance(m, torch.nn.Conv2d):
             assert m.weight.dtype == want and m.bias.dtype == want
-            assert m.weight.shape[-1] == 1 or m.weight.is_contiguous(memory_format=torch.channels_last)
+            # the layout that dtype runs fastest in: NCHW for fp32 when NNPACK serves it, else channels_last
+            fmt = torch.contiguous_format if want == torch.float32 and fastconv.nnpack_ready() else torch.channels_last
+            assert m.weight.shape[-1] == 1 or m.weight.is_contiguous(memory_format=fmt)
         if isinstance(m, torch.nn.GroupNorm):
             assert m.weight.dtype == torch.float32 and m.bias.dtype == torch.float32
     assert latentctl.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # explicit choices stand

@@ -13,6 +13,9 @@ from latentctl.modules import AutoencoderKL
 from latentctl.modules.attention import AttnBlock
 from latentctl.modules.autoencoder import Decoder
 
+# Tiled against untiled to 1e-5: both on direct convolutions (conftest.direct_convs; with NNPACK's Winograd the two
+# differ by its rounding, bounded in tests/test_fastconv.py).
+pytestmark = pytest.mark.usefixtures("direct_convs")
 
 def tiny(seed: int = 0, **kw) -> AutoencoderKL:
     """Factor 8, parameters moved off their init values (so that norms and biases matter)."""

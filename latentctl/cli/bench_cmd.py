@@ -47,7 +47,8 @@ def bench(
     what: str = typer.Option("encode,decode", "--what", help="encode, decode or both."),
     memory_format: str = typer.Option("auto", "--memory-format",
                                       help="Comma-separated: auto, contiguous, channels_last (weights and inputs). "
-                                           "auto is the layout encode/decode use here (channels_last on CPU)."),
+                                           "auto is the layout encode/decode use here (on a CPU: NCHW for "
+                                           "fp32 with NNPACK, else channels_last)."),
     device: str = opt.Device,
     repeat: int = typer.Option(3, "--repeat", help="Timed runs after one warm-up; the median is reported."),
     vs: Optional[str] = typer.Option(None, "--vs", help="'diffusers': run diffusers' AutoencoderKL (its default "

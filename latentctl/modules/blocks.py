@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fastconv import conv
+
 
 def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
@@ -57,13 +59,13 @@ class ResnetBlock(nn.Module):
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_channels == self.out_channels:
             return x
-        return self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else self.nin_shortcut(x)
+        return conv(self.conv_shortcut, x) if hasattr(self, "conv_shortcut") else self.nin_shortcut(x)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(norm_swish(self.norm1, x))
+        h = conv(self.conv1, norm_swish(self.norm1, x))  # (fastconv: NNPACK in fp32 inference on a CPU)
         if temb is not None:
             h = h + self.temb_proj(swish(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(norm_swish(self.norm2, h)))
+        h = conv(self.conv2, self.dropout(norm_swish(self.norm2, h)))
         return h.add_(self.shortcut(x)) if not torch.is_grad_enabled() else self.shortcut(x) + h
 
 

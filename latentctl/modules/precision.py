@@ -5,10 +5,15 @@ call and an fp32 round trip between layers. GroupNorm's affine weight and bias s
 GroupNorm takes a bf16 input with float32 affines (statistics in float32 either way), which spares the affines'
 rounding to bf16 (8 bits of mantissa) at no cost in speed. On CUDA every parameter is cast (its GroupNorm kernel
 wants one dtype).
+
+The layout follows the dtype on a CPU (cpu_layout): fp32 runs NCHW when its 3x3 convolutions go to NNPACK
+(fastconv.py, which takes NCHW), everything else channels_last (oneDNN's preferred layout on a CPU).
 """
 
 import torch
 from torch import nn
+
+from . import fastconv
 
 
 def cpu_has_bf16_kernels() -> bool:
@@ -27,10 +32,24 @@ def weights_dtype(compute: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if compute == torch.bfloat16 else torch.float32
 
 
-def hold(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`model` with its weights in `dtype`, in place (memory format kept); GroupNorm affines stay float32 on CPU."""
+def cpu_layout(dtype: torch.dtype) -> torch.memory_format:
+    """The memory format a model computing in `dtype` runs fastest in on this CPU: NCHW for fp32 when NNPACK serves
+    its 3x3 convolutions (2.2x oneDNN's speed for SD-VAE, which NCHW spares a copy per convolution), else
+    channels_last (oneDNN's direct kernels: bf16, and fp32 without NNPACK)."""
+    if dtype == torch.float32 and fastconv.nnpack_ready():
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def hold(model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format | None = None) -> nn.Module:
+    """`model` with its weights in `dtype`, in place; GroupNorm affines stay float32 on CPU. On a CPU the weights
+    take `memory_format`, by default cpu_layout(dtype); on CUDA the layout is kept unless one is given."""
     device = next(model.parameters()).device
+    if memory_format is None and device.type == "cpu":
+        memory_format = cpu_layout(dtype)
     model.to(dtype=dtype)
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
     if dtype != torch.float32 and device.type == "cpu":
         for m in model.modules():
             if isinstance(m, nn.GroupNorm) and m.affine:
