@@ -46,11 +46,18 @@ def test_model_matches_diffusers_unet2d(name, monkeypatch):
     assert mapped.keys() == ours.state_dict().keys()  # every parameter maps one to one
     ours.load_state_dict(mapped, strict=True)
     x = torch.randn(2, 3, c["resolution"], c["resolution"])
+    from latentctl.modules import fastconv
+
     with torch.no_grad():
         for t in ([0, 1], [10, 500], [999, 250]):
             t = torch.tensor(t)
-            want, got = ref(x, t).sample, ours(x, t)
-            assert (got - want).abs().max() < 5e-6 * max(1.0, want.abs().max().item()), t  # float32 summation order
+            want = ref(x, t).sample
+            scale = max(1.0, want.abs().max().item())
+            with monkeypatch.context() as direct:   # oneDNN's direct convolutions, as diffusers runs
+                direct.setattr(fastconv, "nnpack_ready", lambda: False)
+                assert (ours(x, t) - want).abs().max() < 5e-6 * scale, t  # float32 summation order
+            # the 3x3 res-block convolutions through NNPACK's Winograd (modules/fastconv.py): its rounding
+            assert (ours(x, t) - want).abs().max() < 1e-4 * scale, t
 
 
 def test_timestep_embedding_closed_form():
