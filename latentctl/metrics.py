@@ -46,3 +46,29 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win_size: in
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.mean().item()
+
+
+# Eight uniform colours (8-bit RGB) that a VAE should give back unchanged: near-black, near-white, mid grey, the
+# saturated primaries, a blue-grey and a skin tone. Flat images give GroupNorm almost no variance, so they expose
+# what zero padding does at the borders (the default model v1 drew a blob in the top-right corner on them).
+FLAT_COLOURS = [(8, 8, 8), (247, 247, 247), (128, 128, 128), (235, 20, 20), (20, 200, 40), (25, 40, 230),
+                (30, 90, 160), (225, 170, 140)]
+
+
+def block_errors(a: torch.Tensor, b: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Mean absolute error of each block x block tile (over its pixels and channels) of images (C, H, W):
+    a (H // block, W // block) float64 map; a partial last row or column of tiles is left out."""
+    d = (a.double() - b.double()).abs().mean(0)
+    h, w = d.shape[0] // block * block, d.shape[1] // block * block
+    return d[:h, :w].reshape(h // block, block, w // block, block).mean((1, 3))
+
+
+def edge_errors(a: torch.Tensor, b: torch.Tensor, block: int = 16) -> dict:
+    """Where the error sits, from block_errors: the four corner blocks (top-left, top-right, bottom-left,
+    bottom-right), the median block, the mean of the outer ring of blocks (border) and of the rest (centre)."""
+    e = block_errors(a, b, block)
+    ring = torch.ones_like(e, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    centre = e[~ring] if (~ring).any() else e.flatten()
+    return {"corners": [float(e[0, 0]), float(e[0, -1]), float(e[-1, 0]), float(e[-1, -1])],
+            "median": float(e.median()), "border": float(e[ring].mean()), "centre": float(centre.mean())}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentctl.metrics import FLAT_COLOURS, edge_errors
 from latentctl.modules import AEConfig, AutoencoderKL
 
 # Widths 32,32,64,128 and one res block per level: the widest layers run at low resolution, so
@@ -121,9 +122,65 @@ def photo_crops(photos, n: int, size: int, g: torch.Generator, device, wide: boo
     return colour_augment(torch.cat(out).clamp(0, 1), g)
 
 
-def batch(photos, n, size, g, device, wide=False):
-    k = n // 2
-    return torch.cat([photo_crops(photos, k, size, g, device, wide), dead_leaves(n - k, size, g, device)]) * 2 - 1
+def flat_fields(n: int, size: int, g: torch.Generator, device) -> torch.Tensor:
+    """n nearly featureless images: a uniform colour or a gentle linear gradient, faint noise on some. Colours
+    often sit at the ends of the range (near-black, near-white, saturated primaries). Such images give GroupNorm
+    almost no variance, so whatever the zero padding adds at the borders is amplified: without them in training,
+    v1 learned a blob in the top-right corner and drifted flat colours by up to 30 levels."""
+    r = lambda *s: torch.rand(*s, generator=g, device=g.device).to(device)  # noqa: E731
+    colour = r(n, 3, 1, 1)
+    extreme = r(n, 3, 1, 1) < 0.3
+    colour = torch.where(extreme, (colour > 0.5).float() * 0.96 + 0.02 * r(n, 3, 1, 1), colour)
+    ramp = torch.linspace(-0.5, 0.5, size, device=device)
+    slope = (r(n, 3, 2) - 0.5) * 0.4 * (r(n, 1, 1) < 0.5)          # half of them exactly uniform
+    img = colour + slope[..., 0, None, None] * ramp.view(1, 1, 1, -1) + slope[..., 1, None, None] * ramp.view(1, 1, -1, 1)
+    noise = 0.02 * torch.randn(n, 3, size, size, generator=g, device=g.device).to(device) * (r(n, 1, 1, 1) < 0.3)
+    return (img + noise).clamp(0, 1)
+
+
+def letterbox(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """With probability p per image: the image shrunk to 40-90% of each side and placed at a random spot on a
+    flat canvas (black half the time, else a random colour), as letterboxed frames and scans with dark surrounds
+    come. Their corners are flat while the image's statistics come from its content: the case in which v1's
+    decoder still drew its corner blob after flat fields were in training (it grows where nothing hides it)."""
+    out = x.clone()
+    n, _, size, _ = x.shape
+    r = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+    for i in range(n):
+        if r() >= p:
+            continue
+        h, w = (max(8, int(size * (0.4 + 0.5 * r()))) for _ in range(2))
+        y0, x0 = int(r() * (size - h)), int(r() * (size - w))
+        canvas = torch.zeros(3, 1, 1) if r() < 0.5 else torch.rand(3, 1, 1, generator=g)
+        out[i] = canvas.to(x.device).expand(3, size, size)
+        out[i, :, y0:y0 + h, x0:x0 + w] = F.interpolate(x[i:i + 1], size=(h, w), mode="bilinear", antialias=True)[0]
+    return out
+
+
+def batch(photos, n, size, g, device, wide=False, flat=0.0, boxed=0.0):
+    """n images in [-1, 1]: half photo crops (a `boxed` fraction of them letterboxed), the rest dead leaves, and a
+    `flat` fraction of flat fields."""
+    k, f = n // 2, int(round(n * flat))
+    crops = photo_crops(photos, k, size, g, device, wide)
+    parts = [letterbox(crops, boxed, g) if boxed else crops, dead_leaves(n - k - f, size, g, device)]
+    if f:
+        parts.append(flat_fields(f, size, g, device))
+    return torch.cat(parts) * 2 - 1
+
+
+def border_weights(size: int, width: int, extra: float, device) -> torch.Tensor:
+    """(1, 1, size, size) loss weights: 1 inside, 1 + extra within `width` pixels of an edge (where zero padding
+    lets a decoder learn position-dependent artefacts, and where they are most visible)."""
+    i = torch.arange(size, device=device)
+    edge = torch.minimum(i, size - 1 - i) < width
+    return (1 + extra * (edge[:, None] | edge[None, :]).float())[None, None]
+
+
+def step_size(args, g: torch.Generator) -> tuple[int, int]:
+    """This step's crop side and batch: one of --sizes, the batch scaled so each step has --batch x --size^2 pixels."""
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.size]
+    size = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+    return size, max(2, round(args.batch * args.size**2 / size**2))
 
 
 def psnr(a, b):
@@ -137,8 +194,13 @@ def train(args):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = AutoencoderKL(AEConfig(**ARCH)).to(device)
-    ema = AutoencoderKL(AEConfig(**ARCH)).to(device).requires_grad_(False)
+    model = AutoencoderKL(AEConfig(**ARCH, attn_window=args.attn_window)).to(device)
+    ema = AutoencoderKL(AEConfig(**ARCH, attn_window=args.attn_window)).to(device).requires_grad_(False)
+    if args.init_weights and not (out / "ckpt.pt").exists():  # fine-tune exported (fp16) weights, e.g. v1's
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
+        print(f"initialised from {args.init_weights}")
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -180,15 +242,17 @@ def train(args):
         lr = args.lr * min(1.0, (step - start + 1) / 200) * (0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = batch(photos, args.batch, args.size, g, device, args.wide_crops)
+        size, n = step_size(args, g)
+        x = batch(photos, n, size, g, device, args.wide_crops, args.flat, args.letterbox)
         with torch.autocast(**amp):
             with torch.set_grad_enabled(not args.freeze_encoder):
                 post = model.encode(x)
             noise = torch.randn(post.mean.shape, generator=g).to(device)
             z = post.mean if step < args.warmup_det else post.mean + post.std * noise
             rec = model.decode(z).float()
-        l1 = (rec - x).abs().mean()
-        mse = F.mse_loss(rec, x)
+        w = border_weights(size, 16, args.border_weight, device)
+        l1 = ((rec - x).abs() * w).mean() / w.mean()
+        mse = (((rec - x) ** 2) * w).mean() / w.mean()
         low = F.mse_loss(F.avg_pool2d(rec, 8), F.avg_pool2d(x, 8))
         kl = post.kl().float().mean() / x[0].numel()
         loss = l1 + mse + args.low_weight * low + args.kl_weight * kl
@@ -201,6 +265,8 @@ def train(args):
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
         step += 1
+        if device.type == "cuda" and step == 20:
+            print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         if step % 50 == 0:
             rec_psnr = psnr(rec.detach().clamp(-1, 1), x)
             log.append({"step": step, "loss": round(loss.item(), 5), "psnr": round(rec_psnr, 2),
@@ -310,8 +376,16 @@ def check(args):
         ours, ref = psnr(rec, x), psnr(bicubic, x)
         bias = ((rec - x).mean((2, 3))[0] * 127.5).tolist()  # mean colour error in 8-bit levels, per channel
         margins.append(ours - ref)
+        edges = edge_errors(rec[0] * 127.5, x[0] * 127.5)   # 8-bit levels
         print(json.dumps({"photo": name, "size": list(x.shape[2:]), "psnr": round(ours, 2), "bicubic8": round(ref, 2),
-                          "mean_error_rgb": [round(b, 1) for b in bias]}))
+                          "mean_error_rgb": [round(b, 1) for b in bias],
+                          "corners": [round(c, 1) for c in edges["corners"]], "median_block": round(edges["median"], 1)}))
+    flat = torch.tensor(FLAT_COLOURS, dtype=torch.float32).view(-1, 3, 1, 1).expand(-1, 3, 256, 256) / 127.5 - 1
+    rec = model.decode(model.encode(flat).mean).clamp(-1, 1)
+    worst_channel = ((rec - flat).abs().mean((2, 3)) * 127.5).amax(1)        # per colour, levels
+    frames = [edge_errors(r * 127.5, f * 127.5) for r, f in zip(rec, flat)]
+    print(json.dumps({"flat_worst_channel_error": [round(float(v), 1) for v in worst_channel],
+                      "flat_border_over_centre": [round(e["border"] / max(e["centre"], 1e-6), 1) for e in frames]}))
     print(json.dumps({"step": state["step"], "mean_margin": round(sum(margins) / len(margins), 2)}))
 
 
@@ -349,7 +423,7 @@ def main():
                     help="distil-mid: the teacher's attention window in latent tokens; check --windowed: the same")
     ap.add_argument("--windowed", action="store_true", help="check: the decoder's mid attention on --window tiles")
     ap.add_argument("--attn-window", type=int, default=0,
-                    help="check, export: every attention block on tiles of this many latent pixels a side, as "
+                    help="train, check, export: every attention block on tiles of this many latent pixels a side, as "
                          "models.toml's attn_window runs them (0: whole)")
     ap.add_argument("--dest", default="latentctl/weights/default.safetensors")
     ap.add_argument("--device", default="auto")
@@ -358,6 +432,14 @@ def main():
     ap.add_argument("--minutes", type=float, default=1e9, help="stop (and save) after this long; resume later")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--sizes", default="", help="crop sides to draw from each step, e.g. 128,256,384 (batch scaled "
+                                                "to --batch x --size^2 pixels); default: --size only")
+    ap.add_argument("--flat", type=float, default=0.0, help="fraction of each batch that is flat fields (uniform "
+                                                            "colours and gentle gradients)")
+    ap.add_argument("--letterbox", type=float, default=0.0, help="fraction of photo crops letterboxed on a flat canvas")
+    ap.add_argument("--border-weight", type=float, default=0.0,
+                    help="extra loss weight on pixels within 16 px of an edge (0: none)")
+    ap.add_argument("--init-weights", help="exported .safetensors weights that start a new run in an empty --out")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--kl-weight", type=float, default=1e-6)

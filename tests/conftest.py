@@ -65,10 +65,13 @@ def run_cli(*args, input=None, env=None, timeout=300, cwd=None):
                           text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
-def run_main(capsys, *args, stdin: str | None = None, monkeypatch=None):
-    """Run the CLI in this process (latentctl.cli.app.main): (exit code, stdout, stderr)."""
+def run_main(capsys, *args, stdin: str | None = None, monkeypatch=None, env: dict | None = None):
+    """Run the CLI in this process (latentctl.cli.app.main): (exit code, stdout, stderr). stdin and env need
+    monkeypatch (they are undone after the test)."""
     from latentctl.cli.app import main
 
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     with pytest.raises(SystemExit) as exit_:

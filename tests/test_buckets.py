@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import run_main as cli
 from latentctl import AEConfig, AutoencoderKL
 from latentctl import buckets as B
-from latentctl.cli.app import main
 from latentctl.errors import UsageError
 
 # SDXL's bucket list as published with the model (height, width; aspect 0.25 .. 4), typed in from the paper
@@ -154,11 +154,6 @@ def test_parse_custom_and_errors():
 
 # --- encode --buckets end to end ----------------------------------------------------------------------------
 
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def _tensors(path: Path) -> tuple[dict, dict]:

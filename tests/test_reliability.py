@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from skimage import data
 
+from conftest import run_main as cli
 from latentctl import AEConfig, AutoencoderKL
-from latentctl.cli.app import main
 from latentctl.pipeline import images
 from latentctl.pipeline.latents import FORMAT
 
@@ -50,13 +50,6 @@ def _img(path: Path, which: int, size=(20, 16), fmt=None) -> Path:
     return path
 
 
-def cli(capsys, *args, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(stdin))
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def _records(out: str) -> dict[str, dict]:
@@ -343,6 +336,20 @@ def _no_partial(out: Path) -> None:
             assert f.get_tensor("latent").shape[0] == 4
 
 
+def _wait_for_handler(pid: int, sig: int, timeout: float = 60) -> None:
+    """Until process pid catches sig (Linux: the SigCgt mask in /proc/PID/status). A signal that arrives while
+    CPython itself is still starting (before any Python code can install a handler) kills it uncleanly; on a
+    loaded machine that start can take longer than any fixed sleep."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} installed no handler for signal {sig} in {timeout} s")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_3_signal_at_start_up_exits_cleanly(sig, weights, tmp_path):
     """During the imports (0.4 s in): exit 130/143, one line, no traceback. (benchmarks/drills.py repeats this at
@@ -350,7 +357,8 @@ def test_3_signal_at_start_up_exits_cleanly(sig, weights, tmp_path):
     _img(tmp_path / "imgs" / "a.png", 0)
     proc = subprocess.Popen(_command("encode", tmp_path / "imgs", "-o", tmp_path / "out", "-w", weights["a"]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.4)
+    _wait_for_handler(proc.pid, signal.SIGTERM)   # latentctl's first line ran; the heavy imports come after it
+    time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig and "Traceback" not in err, err

@@ -1,7 +1,6 @@
 """Scale-out: ranks (--shard, torchrun, SLURM), claims (two runs on one folder), progress (`latentctl status`),
 the Ray engine. References: the single-process run of the same command (its latent bytes), and counts made here."""
 
-import io
 import json
 import os
 import random
@@ -18,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import run_main as cli
 from latentctl import AEConfig, AutoencoderKL
 from latentctl.cli.app import main
 from latentctl.dist import ranks
@@ -62,14 +62,6 @@ def single(imgs, tiny, tmp_path_factory) -> Path:
     return out
 
 
-def cli(capsys, *args, env=None, monkeypatch=None):
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    for k, v in (env or {}).items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def records(text: str) -> list[dict]:

@@ -2,7 +2,6 @@
 ones), the output read back by the `webdataset` package as an independent reader, latents compared with the
 one-file-per-image mode of the same images."""
 
-import hashlib
 import io
 import json
 import os
@@ -22,8 +21,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from skimage import data
 
+from conftest import run_main as cli
 from latentctl import AEConfig, AutoencoderKL
-from latentctl.cli.app import main
 from latentctl.pipeline import sources
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket")
@@ -81,11 +80,6 @@ def shards(tmp_path_factory):
     return d
 
 
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def _members(path: Path) -> dict[str, bytes]:
