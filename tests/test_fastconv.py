@@ -50,6 +50,23 @@ def test_nnpack_conv_is_close_to_exact(cin, cout, size, padding, nnpack_calls):
     assert 0 < err < 1e-5, err   # not zero: it really is another algorithm
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+def test_bands_of_rows_give_the_whole_convolution(padding, nnpack_calls, monkeypatch):
+    """Large inputs go to NNPACK in bands of rows (its workspace is kept between calls): the bands, the image
+    borders' zero padding and the last short band together give the whole convolution, to Winograd's error."""
+    g = torch.Generator().manual_seed(7 + padding)
+    x = torch.randn(2, 32, 41, 23, generator=g)
+    w = torch.randn(40, 32, 3, 3, generator=g) / (9 * 32) ** 0.5
+    b = torch.randn(40, generator=g)
+    monkeypatch.setattr(fastconv, "BAND_BYTES", 2 * 32 * 23 * 4 * 13)   # 13 input rows: 12-row bands
+    with torch.inference_mode():
+        got = fastconv.conv2d(x, w, b, padding)
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=padding)
+    assert len(nnpack_calls) == 4 and {s[2] for s in nnpack_calls} == {12 + 2, 41 + 2 * padding - 2 - 36 + 2}
+    assert got.shape == exact.shape
+    assert float((got.double() - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 def test_what_stays_on_onednn(nnpack_calls):
     """Grad mode, bf16, autocast, narrow layers (the halves' first and last convolutions), other kernel sizes."""
     x, w = torch.randn(1, 32, 12, 12), torch.randn(32, 32, 3, 3)
