@@ -59,7 +59,7 @@ def reconstruct(vae, img: np.ndarray) -> np.ndarray:
 
 def corners_ok(img: np.ndarray, rec: np.ndarray) -> dict:
     """Corner blocks against the image's median block (8-bit levels)."""
-    e = edge_errors(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(rec).permute(2, 0, 1))
+    e = edge_errors(torch.from_numpy(np.array(img)).permute(2, 0, 1), torch.from_numpy(rec).permute(2, 0, 1))
     limit = 2 * e["median"] + 2
     return {"corners": [round(c, 1) for c in e["corners"]], "median_block": round(e["median"], 1),
             "corners_ok": all(c <= limit for c in e["corners"])}

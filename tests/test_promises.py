@@ -139,7 +139,7 @@ def test_user_models_toml_in_home_config_adds_and_overrides(tmp_path, monkeypatc
     assert rows["mine"]["weights_found"] and rows["mine"]["weights"] == str(weights)
     assert rows["mine"]["scaling_factor"] == 0.25
     assert rows["sd15"]["scaling_factor"] == 0.5 and rows["sd15"]["channels"] == 4   # the rest kept
-    assert rows["default"]["scaling_factor"] == 0.42012
+    assert rows["default"]["scaling_factor"] == 0.35974
     vae, info = latentctl.load("mine")
     assert info.weights == str(weights) and vae.config.scaling_factor == 0.25
     # a fresh process finds it the same way; without that file, neither entry is there
