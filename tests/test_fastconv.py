@@ -15,7 +15,13 @@ from latentctl.modules import fastconv
 
 
 @pytest.fixture
-def nnpack_calls(monkeypatch):
+def nnpack_on(monkeypatch):
+    """NNPACK serves what it can, also on a CPU where it would not be chosen (AVX-512: fastconv.nnpack_ready)."""
+    monkeypatch.setattr(fastconv, "nnpack_ready", fastconv.nnpack_available)
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch, nnpack_on):
     """The number of NNPACK convolutions run so far (torch._nnpack_spatial_convolution wrapped)."""
     calls = []
     real = torch._nnpack_spatial_convolution
@@ -30,8 +36,28 @@ def nnpack_calls(monkeypatch):
 
 def test_nnpack_is_there_on_this_cpu():
     """x86 with AVX2 (and ARM with NEON) has NNPACK in every torch wheel; without it nothing here would be tested."""
-    assert fastconv.nnpack_ready() == bool(torch._nnpack_available())
-    assert fastconv.nnpack_ready(), "NNPACK unavailable: fp32 falls back to oneDNN (2x slower for SD-VAE)"
+    assert fastconv.nnpack_available() == bool(torch._nnpack_available())
+    assert fastconv.nnpack_available(), "NNPACK unavailable: fp32 falls back to oneDNN (2x slower for SD-VAE on AVX2)"
+
+
+@pytest.mark.parametrize("capability,nnpack", [("AVX2", True), ("AVX512", False), ("DEFAULT", True)])
+def test_nnpack_only_where_onednn_is_narrower(capability, nnpack, monkeypatch):
+    """AVX-512 CPUs keep oneDNN's direct kernels, in channels_last; elsewhere fp32 takes NNPACK, held NCHW."""
+    from latentctl.modules import precision
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    fastconv.nnpack_ready.cache_clear()
+    try:
+        assert fastconv.nnpack_ready() is nnpack
+        x, w = torch.randn(1, 32, 12, 12), torch.randn(32, 32, 3, 3)
+        with torch.inference_mode():
+            assert fastconv.uses_nnpack(x, w) is nnpack
+        want = torch.contiguous_format if nnpack else torch.channels_last
+        assert precision.cpu_layout(torch.float32) == want
+        assert precision.cpu_layout(torch.bfloat16) == torch.channels_last
+    finally:
+        monkeypatch.undo()
+        fastconv.nnpack_ready.cache_clear()
 
 
 @pytest.mark.parametrize("cin,cout,size,padding", [(32, 32, 37, 1), (64, 32, 20, 1), (32, 48, 16, 0)])
@@ -85,10 +111,10 @@ def test_what_stays_on_onednn(nnpack_calls):
 
 
 def test_the_environment_turns_it_off():
-    code = "from latentctl.modules import fastconv; print(fastconv.nnpack_ready())"
+    code = "from latentctl.modules import fastconv; print(fastconv.nnpack_available(), fastconv.nnpack_ready())"
     env = {**os.environ, "LATENTCTL_NNPACK": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 def test_the_model_with_nnpack_matches_diffusers(nnpack_calls):
@@ -106,7 +132,7 @@ def test_the_model_with_nnpack_matches_diffusers(nnpack_calls):
         assert (vae.decode(ref) - twin.decode(ref).sample).abs().max() < 1e-4
 
 
-def test_an_image_comes_out_within_1e4_in_any_batch():
+def test_an_image_comes_out_within_1e4_in_any_batch(nnpack_on):
     """NNPACK gives an image the same numbers alone or in a batch; oneDNN's other layers differ in the last bits
     between the two (3e-6 at the end with direct convolutions), and Winograd's rounding of two inputs that differ
     in the last bits differs by its own error (~1e-5 of the scale)."""
