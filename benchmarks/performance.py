@@ -13,7 +13,8 @@ measured value and the `latentctl bench` command that reproduces it. --quick: 25
 
 --precision (the bf16 issue) runs only this: latentctl fp32, diffusers fp32, latentctl bf16 (weights held in bf16,
 as `--dtype bf16`/`auto` load them) and diffusers cast to bf16 (`.to(torch.bfloat16)`, as a user would), all four
-interleaved in one run per case, with the ratios against the targets and the CPU features seen. On a CPU without
+interleaved in one run per case, with the ratios against the targets and the CPU features seen; diffusers in
+channels_last (fp32 and bf16-cast), which a user could also set, run alongside and are reported, not targeted. On a CPU without
 bf16 kernels the bf16 pair is skipped (~100x slower there; --force-bf16 times it anyway). With $OUT set, the rows
 also go to $OUT/precision.json.
 """
@@ -31,7 +32,7 @@ import torch
 import latentctl
 from latentctl import bench, tiling
 from latentctl.api import cpu_has_fast_bf16
-from latentctl.modules import precision
+from latentctl.modules import fastconv, precision
 
 
 def main():
@@ -114,7 +115,9 @@ def cpu_features(device) -> str:
     return (f"{where}; CPU: {model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads; "
             f"flags: {' '.join(seen) or 'none of avx2/avx512/amx'}; torch {torch.__version__} "
             f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); oneDNN bf16 kernels: "
-            f"{precision.cpu_has_bf16_kernels()}; --dtype auto here: {latentctl.resolve_dtype('auto', device)}")
+            f"{precision.cpu_has_bf16_kernels()}; fp32 3x3 convolutions: "
+            f"{'NNPACK (NCHW)' if fastconv.nnpack_ready() else 'oneDNN (channels_last)'}; --dtype auto here: "
+            f"{latentctl.resolve_dtype('auto', device)}")
 
 
 def precision_case(vae, what: str, size: int, repeat: int, force_bf16: bool = False) -> dict:
@@ -127,13 +130,18 @@ def precision_case(vae, what: str, size: int, repeat: int, force_bf16: bool = Fa
     if bf16:
         models["latentctl bf16"] = bench.prepare(vae, torch.bfloat16, bench.auto_format(vae, torch.bfloat16))  # as load holds it
         models["diffusers bf16"] = torch.nn.Module.to(copy.deepcopy(twin), dtype=torch.bfloat16)
+    # not targets: diffusers as a user who also sets channels_last runs it (oneDNN's faster layout on a CPU)
+    models["diffusers fp32 cl"] = torch.nn.Module.to(copy.deepcopy(twin), memory_format=torch.channels_last)
+    if bf16:
+        models["diffusers bf16 cl"] = torch.nn.Module.to(copy.deepcopy(models["diffusers bf16"]),
+                                                         memory_format=torch.channels_last)
     f = vae.config.factor
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1 if what == "encode"
          else torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=g))
     outs, fns = {}, {}
     for name, m in models.items():
-        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        dtype = torch.bfloat16 if "bf16" in name else torch.float32
         xi = x.to(device, dtype, memory_format=bench.MEMORY_FORMATS[bench.memory_format(m)])
         if name.startswith("latentctl"):  # as encode/decode run it (bench's own case)
             call = (lambda m=m, xi=xi: tiling.encode(m, xi, mode="off").mean) if what == "encode" else \
@@ -157,7 +165,9 @@ def precision_case(vae, what: str, size: int, repeat: int, force_bf16: bool = Fa
     print(f"{what} {size}x{size}, medians of {repeat} rounds [min-max]: {spread}", flush=True)
     ok = row["fp32_vs_diffusers_fp32"] >= 1.25 and row["fp32_max_abs_diff"] <= 1e-4
     print(f"  latentctl fp32 / diffusers fp32: {row['fp32_vs_diffusers_fp32']:.2f}x, max diff "
-          f"{row['fp32_max_abs_diff']:.1e} (target >= 1.25x, <= 1e-4: {'PASS' if ok else 'FAIL'})")
+          f"{row['fp32_max_abs_diff']:.1e} (target >= 1.25x, <= 1e-4: {'PASS' if ok else 'FAIL'}); "
+          f"/ diffusers fp32 channels_last: {med['diffusers fp32 cl'] / med['latentctl fp32']:.2f}x (not a target)")
+    row["fp32_vs_diffusers_fp32_channels_last"] = round(med["diffusers fp32 cl"] / med["latentctl fp32"], 3)
     if bf16:
         ref = outs["latentctl fp32"]
         rel = lambda k: float((outs[k] - ref).norm() / ref.norm())  # noqa: E731
@@ -169,7 +179,9 @@ def precision_case(vae, what: str, size: int, repeat: int, force_bf16: bool = Fa
         print(f"  latentctl bf16 / diffusers bf16-cast: {row['bf16_vs_diffusers_bf16']:.2f}x (target >= 1.2x: "
               f"{'PASS' if row['bf16_vs_diffusers_bf16'] >= 1.2 else 'FAIL'}); / diffusers fp32: "
               f"{row['bf16_vs_diffusers_fp32']:.2f}x (target >= 3x: {'PASS' if row['bf16_vs_diffusers_fp32'] >= 3 else 'FAIL'}); "
-              f"/ latentctl fp32: {row['bf16_vs_fp32']:.2f}x")
+              f"/ latentctl fp32: {row['bf16_vs_fp32']:.2f}x; / diffusers bf16-cast channels_last: "
+              f"{med['diffusers bf16 cl'] / med['latentctl bf16']:.2f}x (not a target)")
+        row["bf16_vs_diffusers_bf16_channels_last"] = round(med["diffusers bf16 cl"] / med["latentctl bf16"], 3)
         print(f"  rel. L2 from latentctl fp32: latentctl bf16 {row['bf16_rel_l2_vs_fp32']:.1e}, diffusers bf16-cast "
               f"{row['diffusers_bf16_rel_l2_vs_fp32']:.1e} (random weights: quality on photos is in tests/test_bf16.py)")
     else:

@@ -156,7 +156,9 @@ def diffusers_twin(vae: AutoencoderKL) -> torch.nn.Module:
             layers_per_block=c.num_res_blocks, latent_channels=c.z_channels, use_quant_conv=c.use_quant_conv,
             use_post_quant_conv=c.use_post_quant_conv, mid_block_add_attention=c.mid_attn == "vanilla")
     target = {k: v.shape for k, v in twin.state_dict().items()}
-    weights = ldm_to_diffusers({k: v.detach().clone() for k, v in vae.state_dict().items()}, target)
+    # NCHW copies whatever our layout: diffusers as people load it (assign=True would keep channels_last strides)
+    weights = ldm_to_diffusers({k: v.detach().clone(memory_format=torch.contiguous_format)
+                                for k, v in vae.state_dict().items()}, target)
     twin.load_state_dict(weights, strict=True, assign=True)
     return twin.eval().requires_grad_(False)
 

@@ -146,6 +146,17 @@ def test_diffusers_twin_has_our_weights_and_outputs():
         torch.testing.assert_close(twin.decode(z).sample, vae.decode(z), atol=1e-4, rtol=0)
 
 
+def test_diffusers_twin_is_nchw_whatever_our_layout():
+    """diffusers as people load it: a channels_last latentctl model must not hand its strides to the reference
+    (load_state_dict(assign=True) keeps them), which would time diffusers in oneDNN's faster layout."""
+    pytest.importorskip("diffusers")
+    vae = torch.nn.Module.to(tiny_vae(), memory_format=torch.channels_last)
+    assert bench.memory_format(vae) == "channels_last"
+    twin = bench.diffusers_twin(vae)
+    assert bench.memory_format(twin) == "contiguous"
+    assert all(p.is_contiguous() for p in twin.parameters())
+
+
 def test_vs_diffusers_rows_carry_the_ratio():
     pytest.importorskip("diffusers")
     rows = bench.run(tiny_vae(), whats=("decode",), dtypes=("fp32",), sizes=(16,), repeat=2, vs_diffusers=True)
