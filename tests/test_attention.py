@@ -132,7 +132,9 @@ def test_linear_attention_layout_checkpoint_loads_and_runs(tmp_path):
         for backend in ("sdpa", "linear"):
             loaded.set_attn_backend(backend)
             torch.testing.assert_close(loaded.decode(loaded.encode(x).mean), ref)
-        torch.testing.assert_close(vae.decode(vae.encode(x).mean), ref)
+        # load() holds the model in this CPU's fp32 layout (channels_last where oneDNN serves fp32): the same
+        # network summed in another order, ~1e-5 apart
+        torch.testing.assert_close(vae.decode(vae.encode(x).mean), ref, atol=1e-4, rtol=0)
 
 
 def test_unknown_and_unavailable_backends():

@@ -206,7 +206,9 @@ def test_max_memory_holds_in_a_real_process(tmp_path):
     assert p.tile and p.fits and p.peak <= 24 * 2**20 < p.estimate   # the planner says it fits, untiled would not
     script = MEASURE.format(tests=str(TESTS))
     growth = {}
-    for name, extra in (("budget", ["--max-memory", "24M"]), ("untiled", ["--tile", "off"])):
+    # fp32 in both (auto would be bf16 on a CPU with bf16 kernels: half the activations, and the plan is fp32's)
+    for name, extra in (("budget", ["--max-memory", "24M", "--dtype", "fp32"]),
+                        ("untiled", ["--tile", "off", "--dtype", "fp32"])):
         r = subprocess.run([sys.executable, "-c", script, small, big, str(tmp_path / name), str(weights), *extra],
                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0 and r.stdout.split()[0] == "0", r.stderr

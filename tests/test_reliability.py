@@ -365,6 +365,15 @@ def test_3_signal_at_start_up_exits_cleanly(sig, weights, tmp_path):
     _no_partial(tmp_path / "out")
 
 
+def _latents_in(out: Path) -> list[Path]:
+    """The latents in `out` so far; none while it does not exist, including the moment between the output check's
+    test folder (made and removed before the model loads, pipeline/outputs.py) and the run's own."""
+    try:
+        return list(out.glob("*.safetensors"))
+    except FileNotFoundError:
+        return []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_3_signal_mid_run_finishes_writes_and_exits_130_or_143(sig, weights, tmp_path):
     imgs, out = tmp_path / "imgs", tmp_path / "out"
@@ -373,7 +382,7 @@ def test_3_signal_mid_run_finishes_writes_and_exits_130_or_143(sig, weights, tmp
     proc = subprocess.Popen(_command("encode", imgs, "-o", out, "-w", weights["a"], "--batch-size", "1",
                                      "--workers", "1", "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 120
-    while not list(out.glob("*.safetensors")):
+    while not _latents_in(out):
         assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.01)
     proc.send_signal(sig)
