@@ -1,7 +1,12 @@
 """Precision: what the model accepts and computes in, and that folded weights follow the weights they come from."""
 
 import copy
+import os
+import platform
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,10 +118,31 @@ def test_auto_picks_bf16_exactly_when_the_cpu_has_bf16_kernels(monkeypatch, kern
     assert latentctl.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # explicit choices stand
 
 
-def test_the_probe_is_what_onednn_says():
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_the_probe_is_what_onednn_says_with_torchs_avx512_kernels(capability, monkeypatch):
     from latentctl.modules import precision
 
-    assert precision.cpu_has_bf16_kernels() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    want = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (capability == "AVX512" or not x86)
+    assert precision.cpu_has_bf16_kernels() == want
+
+
+def test_auto_runs_under_torchs_avx2_kernels(tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 (how a user brings NNPACK back on an AVX-512 CPU) leaves torch without the kernels
+    its bf16 ops need on an AMX CPU (pack_vnni2), so auto must be fp32 there: a real encode in such a process."""
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    code = ("import sys, torch, latentctl; from latentctl.cli.app import main; "
+            "print(latentctl.resolve_dtype('auto', torch.device('cpu')), file=sys.stderr); "
+            f"main(['encode', {str(tmp_path / 'a.png')!r}, '-o', {str(tmp_path / 'out')!r}, '-q'])")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "a.safetensors").exists()
+    if platform.machine().lower() in ("x86_64", "amd64"):   # elsewhere the variable names no kernels of torch's
+        assert r.stderr.splitlines()[0] == "torch.float32"
 
 
 def _photo_batch() -> torch.Tensor:

@@ -10,6 +10,8 @@ The layout follows the dtype on a CPU (cpu_layout): fp32 runs NCHW when its 3x3 
 (fastconv.py, which takes NCHW), everything else channels_last (oneDNN's preferred layout on a CPU).
 """
 
+import platform
+
 import torch
 from torch import nn
 
@@ -18,11 +20,15 @@ from . import fastconv
 
 def cpu_has_bf16_kernels() -> bool:
     """True when oneDNN has bf16 kernels for this CPU (AVX-512 BF16 or AMX); without them bf16 convolutions fall to
-    a path ~100x slower than fp32 (measured on an AVX2-only EPYC)."""
+    a path ~100x slower than fp32 (measured on an AVX2-only EPYC). On x86 torch's own kernels must be its AVX-512
+    ones too: under ATEN_CPU_CAPABILITY=avx2 on an AMX Xeon, bf16 fails ("pack_vnni2 is only supported when avx512
+    is supported", torch 2.13)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return onednn and not (x86 and torch.backends.cpu.get_cpu_capability() != "AVX512")
 
 
 def weights_dtype(compute: torch.dtype) -> torch.dtype:
