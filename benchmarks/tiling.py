@@ -378,7 +378,7 @@ def main():
         if args.mosaics is not None:
             for size in args.mosaics or (1024, 2048):
                 need = tiling.estimate_memory(ours, (1, 4, size // 8, size // 8), "decode") + 4 * GB
-                if need > tiling._mem_available():
+                if need > tiling.budget._mem_available():
                     print(f"mosaic {size}: skipped, the untiled reference needs ~{need / GB:.0f} GB free")
                     continue
                 seams("sd-random", ours, ref, {f"mosaic{size}": mosaic(size)}, args.tile, args.budget_fraction, cmd,

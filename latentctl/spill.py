@@ -1,7 +1,7 @@
 """Whole activations kept in a temporary file instead of in memory, read and written by region (for tiling).
 
 A 4096x4096 image's 128-channel activation is 8.6 GB in float32. When tiling cannot hold such a tensor in its
-memory budget it can recompute it (tiling.py) or keep it here, on disk, at the price of writing it once and
+memory budget it can recompute it (tiling/) or keep it here, on disk, at the price of writing it once and
 reading it back. The file is unlinked as soon as it is made, so it vanishes with this object or with the
 process, however that ends; its space is reserved up front, so a full disk is a clear error, not a crash.
 """

@@ -12,6 +12,7 @@ from latentctl.errors import UsageError
 from latentctl.modules import AutoencoderKL
 from latentctl.modules.attention import AttnBlock
 from latentctl.modules.autoencoder import Decoder
+from latentctl.spill import SpilledTensor
 
 # Tiled against untiled to 1e-5: both on direct convolutions (conftest.direct_convs; with NNPACK's Winograd the two
 # differ by its rounding, bounded in tests/test_fastconv.py).
@@ -105,12 +106,12 @@ def test_spill_files_replace_recomputation_and_stay_exact(vae, tmp_path, monkeyp
     the plan is cheaper, the result is still untiled's, and no file is ever visible in the folder."""
     made, listed = [], []
 
-    class Counted(tiling.SpilledTensor):
+    class Counted(SpilledTensor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self.nbytes)
 
-    monkeypatch.setattr(tiling, "SpilledTensor", Counted)
+    monkeypatch.setattr(tiling.running, "SpilledTensor", Counted)
     z, x = latent(), image()
     kw = dict(mode="on", budget=600_000, tile_size=32)
     recompute = tiling.plan(vae, z.shape, "decode", spill=False, **kw)
@@ -129,7 +130,7 @@ def test_spill_files_replace_recomputation_and_stay_exact(vae, tmp_path, monkeyp
 
 
 def test_no_spill_without_disk_space(vae, tmp_path, monkeypatch):
-    monkeypatch.setattr(tiling, "free_bytes", lambda folder: 0)
+    monkeypatch.setattr(tiling.budget, "free_bytes", lambda folder: 0)
     p = tiling.plan(vae, latent().shape, "decode", mode="on", budget=600_000, tile_size=32, spill=tmp_path)
     assert p.spill_over is None and p.cost_ratio > 1.2
 
@@ -138,7 +139,7 @@ def test_no_spill_without_disk_space(vae, tmp_path, monkeypatch):
 def test_spilled_tensor_reads_and_writes_regions(tmp_path, dtype):
     g = torch.Generator().manual_seed(6)
     ref = torch.zeros(2, 5, 13, 17, dtype=dtype)
-    t = tiling.SpilledTensor(ref.shape, dtype, "cpu", tmp_path)
+    t = SpilledTensor(ref.shape, dtype, "cpu", tmp_path)
     for y0, y1, x0, x1 in [(0, 13, 0, 17), (2, 9, 3, 11), (12, 13, 0, 17), (0, 4, 16, 17)]:
         value = torch.randn(2, 5, y1 - y0, x1 - x0, generator=g).to(dtype)
         t[:, :, y0:y1, x0:x1] = value
@@ -246,7 +247,7 @@ def test_estimate_grows_with_pixels_and_precision(vae):
 
 def test_default_budget_is_positive_and_below_free_memory():
     b = tiling.default_budget("cpu")
-    assert 0 < b <= tiling._mem_available()
+    assert 0 < b <= tiling.budget._mem_available()
 
 
 def test_bad_arguments(vae):
@@ -296,7 +297,7 @@ def test_attention_in_query_chunks_is_the_same():
     x = torch.randn(2, 64, 9, 7)
     with torch.no_grad():
         whole = block(x)
-        chunked = tiling._global_attention(block, x, room=x.numel() * 4 * 3)   # forces query chunks
+        chunked = tiling.attention._global_attention(block, x, room=x.numel() * 4 * 3)   # forces query chunks
     assert (whole - chunked).abs().max() < 1e-5
 
 

@@ -5,7 +5,7 @@ batches and runs the model -> writer threads write each result atomically -> one
 `report` (always from the calling thread). The library never prints: warnings go to `warn`; a `stop` Event
 (the CLI sets it on Ctrl-C) ends the run after the batch in hand, once the writes in flight have finished.
 
-All model compute goes through encode_batch() and decode_batch(), which tile (latentctl/tiling.py) when asked
+All model compute goes through encode_batch() and decode_batch(), which tile (latentctl/tiling/) when asked
 or when a batch would not fit in memory.
 """
 
