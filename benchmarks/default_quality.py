@@ -1,6 +1,7 @@
 """Quality of the shipped default model on photos it never saw, against the bicubic 8x reference.
 
-    python benchmarks/default_quality.py [--weights PATH] [--out docs/quality] [--speed-repeats 9]
+    python benchmarks/default_quality.py [--weights PATH | --checkpoint runs/X/ckpt.pt] [--out docs/quality]
+                                         [--speed-repeats 9]
 
 Held-out photos: scikit-learn's china.jpg and flower.jpg, matplotlib's grace_hopper.jpg (needs
 scikit-learn and matplotlib installed; they are used for evaluation only, never for training).
@@ -25,6 +26,18 @@ from PIL import Image
 
 import latentctl
 from latentctl.metrics import FLAT_COLOURS, edge_errors
+
+
+def trainer_checkpoint(path: str, attn_window: int):
+    """The EMA model of a scripts/train_default.py checkpoint, through the trainer's own loader (it also builds
+    experimental layers the library does not load, e.g. --fixed-norm-decoder)."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "scripts" / "train_default.py"
+    spec = importlib.util.spec_from_file_location("train_default", script)
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    return trainer.load_model(Path(path), "ema", attn_window)[0]
 
 
 def held_out() -> dict[str, np.ndarray]:
@@ -103,10 +116,14 @@ def speed(vae, img: np.ndarray, repeats: int) -> bool:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--checkpoint", default=None, help="a scripts/train_default.py checkpoint instead (its EMA)")
     ap.add_argument("--out", default=None, help="folder for side-by-side pictures (original | reconstruction | error)")
     ap.add_argument("--speed-repeats", type=int, default=9, help="timed encode+decode runs at 512x512 (0: skip)")
     args = ap.parse_args()
-    vae, info = latentctl.load("default", weights=args.weights)
+    if args.checkpoint:   # as the shipped model runs: attention on its models.toml windows
+        vae = trainer_checkpoint(args.checkpoint, latentctl.load("default")[0].config.attn_window)
+    else:
+        vae, info = latentctl.load("default", weights=args.weights)
     rows, photos = [], held_out()
     for name, img in photos.items():
         t = time.time()

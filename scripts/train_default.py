@@ -187,6 +187,58 @@ def psnr(a, b):
     return (10 * torch.log10(4.0 / F.mse_loss(a.float(), b.float()))).item()
 
 
+class FixedGroupNorm(torch.nn.GroupNorm):
+    """A GroupNorm whose statistics are fixed numbers (calibrated once) instead of each image's: an affine map that
+    keeps the input's magnitude. The experiment of the default-model-v2 issue: the decoder's per-image GroupNorm
+    statistics are what its top-right spike games (StyleGAN2's droplet); without them the spike has no purpose.
+    Training-script only: the library does not load these weights."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+        self.load_state_dict(norm.state_dict())
+        self.register_buffer("fixed_mean", torch.zeros(norm.num_channels))
+        self.register_buffer("fixed_var", torch.ones(norm.num_channels))
+
+    def forward(self, x):
+        c = (1, -1, 1, 1)
+        return (x - self.fixed_mean.view(c)) * torch.rsqrt(self.fixed_var.view(c) + self.eps) * self.weight.view(c) \
+            + self.bias.view(c)
+
+
+def fix_decoder_norms(model: AutoencoderKL) -> list[FixedGroupNorm]:
+    """Every GroupNorm of the decoder replaced by a FixedGroupNorm with the same affine weights (statistics 0/1)."""
+    fixed = []
+    for name, m in list(model.decoder.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) is torch.nn.GroupNorm:
+                setattr(m, child_name, FixedGroupNorm(child))
+                fixed.append(getattr(m, child_name))
+    return fixed
+
+
+@torch.no_grad()
+def calibrate(model: AutoencoderKL, fixed: list[FixedGroupNorm], x: torch.Tensor) -> None:
+    """Each FixedGroupNorm's statistics := the mean over the images of x of the per-image group mean and variance
+    its input has in the model as it is, one norm after another in the order the forward pass meets them."""
+    order = []
+    hooks = [n.register_forward_pre_hook(lambda m, inp: order.append(m)) for n in fixed]
+    model.decode(model.encode(x[:1]).mean)
+    for h in hooks:
+        h.remove()
+    for norm in order:
+        seen = []
+        hook = norm.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+        model.decode(model.encode(x).mean)
+        hook.remove()
+        h = seen[0].float()
+        b, c = h.shape[:2]
+        g = h.reshape(b, norm.num_groups, -1)
+        mean = g.mean(-1).mean(0).repeat_interleave(c // norm.num_groups)
+        var = g.var(-1, unbiased=False).mean(0).repeat_interleave(c // norm.num_groups)
+        norm.fixed_mean.copy_(mean)
+        norm.fixed_var.copy_(var)
+
+
 def train(args):
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
@@ -201,6 +253,13 @@ def train(args):
 
         model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
         print(f"initialised from {args.init_weights}")
+    if args.fixed_norm_decoder:
+        fixed = fix_decoder_norms(model)
+        fix_decoder_norms(ema)
+        if not (out / "ckpt.pt").exists():   # calibrated once, on photo crops; then trained as weights are
+            calib_g = torch.Generator().manual_seed(args.seed + 1)
+            calibrate(model, fixed, batch([p.to(device) for p in load_photos()], 16, 256, calib_g, device))
+            print("decoder norms fixed to calibrated statistics")
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -301,6 +360,8 @@ def load_model(path: Path, which: str, attn_window: int = 0) -> tuple[Autoencode
     """An inference model with the `which` weights ("ema" or "model") of a checkpoint written here, and the checkpoint."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = AutoencoderKL(AEConfig(**ARCH, attn_window=attn_window)).eval().requires_grad_(False)
+    if any(k.endswith("fixed_mean") for k in state[which]):   # a --fixed-norm-decoder run
+        fix_decoder_norms(model)
     model.load_state_dict(state[which])
     return model, state
 
@@ -451,6 +512,8 @@ def main():
                     help="weights to export: the EMA, or the raw weights (after a short fine-tune the EMA lags)")
     ap.add_argument("--init", help="checkpoint whose EMA weights start a new run in an empty --out")
     ap.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (latents stay as they are)")
+    ap.add_argument("--fixed-norm-decoder", action="store_true",
+                    help="experiment: the decoder's GroupNorms use calibrated fixed statistics (FixedGroupNorm)")
     ap.add_argument("--restart", action="store_true", help="on resume, start a new cosine cycle of --steps steps")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
