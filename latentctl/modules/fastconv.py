@@ -42,9 +42,10 @@ def nnpack_available() -> bool:
 def nnpack_ready() -> bool:
     """NNPACK is available and pays here. Its x86 kernels are AVX2; where torch runs AVX-512 (oneDNN's kernels
     twice as wide) direct convolutions in channels_last match or beat it: on a 2-core Xeon with AVX-512, 128
-    channels at 512x512 took 227 ms in oneDNN channels_last against NNPACK's 287 (only 512-channel layers were
-    faster in NNPACK), and SD-VAE at 512x512 ran 1.31x / 1.46x diffusers fp32 without NNPACK against 1.26x / 1.36x
-    with it. ATEN_CPU_CAPABILITY=avx2 in the environment brings NNPACK back there."""
+    channels at 512x512 took 229 ms in oneDNN channels_last against NNPACK's 293 (only 512-channel layers were
+    faster in NNPACK; benchmarks/conv_kernels.py), and SD-VAE at 512x512 ran 1.41x / 1.51x diffusers fp32 without
+    NNPACK against 1.24x / 1.33x with it (benchmarks/performance.py --precision). ATEN_CPU_CAPABILITY=avx2 in the
+    environment brings NNPACK back there."""
     return nnpack_available() and torch.backends.cpu.get_cpu_capability() not in ("AVX512",)
 
 
