@@ -26,6 +26,7 @@ from PIL import Image
 
 import latentctl
 from latentctl.metrics import FLAT_COLOURS, edge_errors
+from latentctl.registry import get_entry
 
 
 def trainer_checkpoint(path: str, attn_window: int):
@@ -121,7 +122,7 @@ def main():
     ap.add_argument("--speed-repeats", type=int, default=9, help="timed encode+decode runs at 512x512 (0: skip)")
     args = ap.parse_args()
     if args.checkpoint:   # as the shipped model runs: attention on its models.toml windows
-        vae = trainer_checkpoint(args.checkpoint, latentctl.load("default")[0].config.attn_window)
+        vae = trainer_checkpoint(args.checkpoint, get_entry("default").config().attn_window)
     else:
         vae, info = latentctl.load("default", weights=args.weights)
     rows, photos = [], held_out()

@@ -14,9 +14,9 @@ measured value and the `latentctl bench` command that reproduces it. --quick: 25
 --precision (the bf16 issue) runs only this: latentctl fp32, diffusers fp32, latentctl bf16 (weights held in bf16,
 as `--dtype bf16`/`auto` load them) and diffusers cast to bf16 (`.to(torch.bfloat16)`, as a user would), all four
 interleaved in one run per case, with the ratios against the targets and the CPU features seen; diffusers in
-channels_last (fp32 and bf16-cast), which a user could also set, run alongside and are reported, not targeted. On a CPU without
-bf16 kernels the bf16 pair is skipped (~100x slower there; --force-bf16 times it anyway). With $OUT set, the rows
-also go to $OUT/precision.json.
+channels_last (fp32 and bf16-cast), which a user could also set, run alongside and are reported, not targeted.
+On a CPU without bf16 kernels the bf16 pair is skipped (~100x slower there; --force-bf16 times it anyway). With
+$OUT set, the rows also go to $OUT/precision.json.
 """
 
 import copy

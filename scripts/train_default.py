@@ -208,7 +208,7 @@ class FixedGroupNorm(torch.nn.GroupNorm):
 def fix_decoder_norms(model: AutoencoderKL) -> list[FixedGroupNorm]:
     """Every GroupNorm of the decoder replaced by a FixedGroupNorm with the same affine weights (statistics 0/1)."""
     fixed = []
-    for name, m in list(model.decoder.named_modules()):
+    for m in list(model.decoder.modules()):
         for child_name, child in list(m.named_children()):
             if type(child) is torch.nn.GroupNorm:
                 setattr(m, child_name, FixedGroupNorm(child))
@@ -220,15 +220,16 @@ def fix_decoder_norms(model: AutoencoderKL) -> list[FixedGroupNorm]:
 def calibrate(model: AutoencoderKL, fixed: list[FixedGroupNorm], x: torch.Tensor) -> None:
     """Each FixedGroupNorm's statistics := the mean over the images of x of the per-image group mean and variance
     its input has in the model as it is, one norm after another in the order the forward pass meets them."""
+    z = model.encode(x).mean   # the encoder is not touched: its latents serve every pass
     order = []
     hooks = [n.register_forward_pre_hook(lambda m, inp: order.append(m)) for n in fixed]
-    model.decode(model.encode(x[:1]).mean)
+    model.decode(z[:1])
     for h in hooks:
         h.remove()
     for norm in order:
         seen = []
         hook = norm.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
-        model.decode(model.encode(x).mean)
+        model.decode(z)
         hook.remove()
         h = seen[0].float()
         b, c = h.shape[:2]
