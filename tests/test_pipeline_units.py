@@ -334,3 +334,28 @@ def test_ssim_and_psnr_match_skimage(noise):
                                  use_sample_covariance=False)
     assert ssim(torch.from_numpy(gray)[None], torch.from_numpy(gray_b)[None]) == pytest.approx(want, abs=1e-9)
     assert ssim(ta, ta) == pytest.approx(1.0) and psnr(ta, ta) == float("inf")
+
+
+def test_worker_threads_free_their_jobs_before_close_returns():
+    """The inputs of a worker's last job must be freed while the run is alive: freed by a daemon thread during the
+    interpreter's exit, a tensor aborts the process (torch gives up the GIL in its destructor). An input that is
+    slow to free shows whether close() waited for it."""
+    import threading
+    import time
+
+    from latentctl.pipeline.run import _Threads
+
+    freed = []
+
+    class SlowToFree:
+        def __del__(self):
+            time.sleep(0.3)
+            freed.append(threading.current_thread().name)
+
+    pool = _Threads(2, "latentctl-test")
+    futures = [pool.submit(lambda x: 1, SlowToFree()) for _ in range(3)]
+    assert [f.result() for f in futures] == [1, 1, 1]
+    del futures
+    pool.close(wait=10.0)
+    assert len(freed) == 3 and all(name.startswith("latentctl-test") for name in freed), freed
+    assert not any(t.name.startswith("latentctl-test") for t in threading.enumerate())

@@ -285,8 +285,14 @@ def _compute(compute, jobs: list[_Job]) -> list:
 
 
 class _Threads:
-    """A few daemon threads behind Futures. Unlike ThreadPoolExecutor they are never joined: a stopped run (and
-    the interpreter's exit) never waits for a load stuck in a slow read."""
+    """A few daemon threads behind Futures. Unlike ThreadPoolExecutor they are not always joined: a stopped run
+    (and the interpreter's exit) never waits for a load stuck in a slow read.
+
+    A daemon thread still alive when the interpreter finalizes must not free a tensor: torch releases the GIL in
+    the tensor's destructor, and a thread that asks for it back then is ended by pthread_exit, whose unwinding
+    through torch's C++ aborts the process ("terminate called without an active exception", exit -6 after a
+    finished run). So a worker drops each job's references before it takes the next, and `close` waits for the
+    workers to end (at once when they are idle, as at the end of a run)."""
 
     def __init__(self, count: int, name: str):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -301,16 +307,24 @@ class _Threads:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
-                    future.set_exception(e)
+            self._run(*job)
+            del job  # the inputs go here, while the run is alive, not when this thread is torn down
 
-    def close(self) -> None:
+    @staticmethod
+    def _run(future: Future, fn, args) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
+                future.set_exception(e)
+
+    def close(self, wait: float = 0.0) -> None:
+        """End the workers once the queue is empty, and wait up to `wait` seconds for them to end."""
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + wait
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _result(future: Future, halted):
@@ -453,9 +467,9 @@ def _drive_round(items: Iterable[Item], check, load, compute, finish, options: O
     finally:
         for future in pending:
             future.cancel()
-        loader.close()
+        loader.close(wait=2.0)  # idle at a run's end; a halted run leaves a load stuck in a slow read behind
         drain(0)  # the writes in flight always finish, even after Ctrl-C (a second one abandons them)
-        writer.close()
+        writer.close(wait=60.0)
     summary.interrupted = stop.is_set() and (not ended or summary.ok + summary.skipped + summary.failed < summary.total)
     summary.seconds = time.perf_counter() - started
     return summary
