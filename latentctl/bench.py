@@ -145,9 +145,10 @@ def diffusers_twin(vae: AutoencoderKL) -> torch.nn.Module:
     except ImportError:
         raise UsageError("--vs diffusers: diffusers is not installed (pip install diffusers)") from None
     c = vae.config
-    if c.mid_attn == "linear" or c.attn_resolutions or c.embed_dim != c.z_channels:
+    if c.mid_attn == "linear" or c.attn_resolutions or c.embed_dim != c.z_channels or c.decoder_norm != "group":
         raise UsageError("--vs diffusers: diffusers' AutoencoderKL has no equivalent of this architecture "
-                         "(linear-attention layout, attention inside the levels, or embed_dim != z_channels)")
+                         "(linear-attention layout, attention inside the levels, embed_dim != z_channels, or "
+                         "decoder norms with fixed statistics)")
     levels = len(c.ch_mult)
     with torch.device("meta"):  # no random init of weights that are replaced at once
         twin = DiffusersAutoencoderKL(

@@ -151,10 +151,13 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "weights") -> AEConf
         mid_attn = "none"
     attn_levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.attn\.", k))})
     resolution = 256
+    # calibrated statistics saved beside the decoder's norms: FixedGroupNorm (they define the network's function)
+    decoder_norm = "fixed" if any(re.match(r"decoder\..*\.fixed_mean$", k) for k in sd) else "group"
     return AEConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z, embed_dim=embed_dim,
                     in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0],
                     attn_resolutions=tuple(resolution >> i for i in attn_levels), resolution=resolution,
-                    mid_attn=mid_attn, use_quant_conv=use_quant, use_post_quant_conv=use_post_quant)
+                    mid_attn=mid_attn, use_quant_conv=use_quant, use_post_quant_conv=use_post_quant,
+                    decoder_norm=decoder_norm)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

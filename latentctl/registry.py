@@ -19,7 +19,8 @@ from .errors import ModelError, WeightsError
 from .modules import AEConfig
 
 PACKAGE_MODELS = Path(__file__).with_name("models.toml")
-ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "quant_conv", "mid_attn", "attn_window")
+ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "quant_conv", "mid_attn", "attn_window",
+             "decoder_norm")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ModelEntry:
         return AEConfig(ch=int(a.get("ch", 128)), ch_mult=tuple(a.get("ch_mult", (1, 2, 4, 4))),
                         num_res_blocks=int(a.get("num_res_blocks", 2)), z_channels=z, embed_dim=z,
                         mid_attn=a.get("mid_attn", "vanilla"), use_quant_conv=quant, use_post_quant_conv=quant,
-                        attn_window=int(a.get("attn_window", 0)),
+                        attn_window=int(a.get("attn_window", 0)), decoder_norm=a.get("decoder_norm", "group"),
                         scaling_factor=self.scaling_factor, shift_factor=self.shift_factor)
 
 

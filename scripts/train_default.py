@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from latentctl.metrics import FLAT_COLOURS, edge_errors
-from latentctl.modules import AEConfig, AutoencoderKL
+from latentctl.modules import AEConfig, AutoencoderKL, FixedGroupNorm
+from latentctl.modules.blocks import fix_norms
 
 # Widths 32,32,64,128 and one res block per level: the widest layers run at low resolution, so
 # encode + decode of 512x512 stays near 1 s on a 2-core CPU; 2.8 M parameters, 5.6 MB in fp16.
@@ -187,35 +188,6 @@ def psnr(a, b):
     return (10 * torch.log10(4.0 / F.mse_loss(a.float(), b.float()))).item()
 
 
-class FixedGroupNorm(torch.nn.GroupNorm):
-    """A GroupNorm whose statistics are fixed numbers (calibrated once) instead of each image's: an affine map that
-    keeps the input's magnitude. The experiment of the default-model-v2 issue: the decoder's per-image GroupNorm
-    statistics are what its top-right spike games (StyleGAN2's droplet); without them the spike has no purpose.
-    Training-script only: the library does not load these weights."""
-
-    def __init__(self, norm: torch.nn.GroupNorm):
-        super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
-        self.load_state_dict(norm.state_dict())
-        self.register_buffer("fixed_mean", torch.zeros(norm.num_channels))
-        self.register_buffer("fixed_var", torch.ones(norm.num_channels))
-
-    def forward(self, x):
-        c = (1, -1, 1, 1)
-        return (x - self.fixed_mean.view(c)) * torch.rsqrt(self.fixed_var.view(c) + self.eps) * self.weight.view(c) \
-            + self.bias.view(c)
-
-
-def fix_decoder_norms(model: AutoencoderKL) -> list[FixedGroupNorm]:
-    """Every GroupNorm of the decoder replaced by a FixedGroupNorm with the same affine weights (statistics 0/1)."""
-    fixed = []
-    for m in list(model.decoder.modules()):
-        for child_name, child in list(m.named_children()):
-            if type(child) is torch.nn.GroupNorm:
-                setattr(m, child_name, FixedGroupNorm(child))
-                fixed.append(getattr(m, child_name))
-    return fixed
-
-
 @torch.no_grad()
 def calibrate(model: AutoencoderKL, fixed: list[FixedGroupNorm], x: torch.Tensor) -> None:
     """Each FixedGroupNorm's statistics := the mean over the images of x of the per-image group mean and variance
@@ -255,8 +227,8 @@ def train(args):
         model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
         print(f"initialised from {args.init_weights}")
     if args.fixed_norm_decoder:
-        fixed = fix_decoder_norms(model)
-        fix_decoder_norms(ema)
+        fixed = fix_norms(model.decoder)
+        fix_norms(ema.decoder)
         if not (out / "ckpt.pt").exists():   # calibrated once, on photo crops; then trained as weights are
             calib_g = torch.Generator().manual_seed(args.seed + 1)
             calibrate(model, fixed, batch([p.to(device) for p in load_photos()], 16, 256, calib_g, device))
@@ -362,7 +334,7 @@ def load_model(path: Path, which: str, attn_window: int = 0) -> tuple[Autoencode
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = AutoencoderKL(AEConfig(**ARCH, attn_window=attn_window)).eval().requires_grad_(False)
     if any(k.endswith("fixed_mean") for k in state[which]):   # a --fixed-norm-decoder run
-        fix_decoder_norms(model)
+        fix_norms(model.decoder)
     model.load_state_dict(state[which])
     return model, state
 
@@ -467,7 +439,8 @@ def export(args):
     shift, scale = z.mean().item(), 1.0 / z.std().item()
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    # fp16 weights; a fixed norm's statistics stay float32 (variances span 0.05..60: fp16 would round them coarsely)
+    sd = {k: (v.float() if ".fixed_" in k else v.half()).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(dest), metadata={"step": str(state["step"]), "scaling_factor": f"{scale:.5f}",
                                        "shift_factor": f"{shift:.5f}"})
     sha = hashlib.sha256(dest.read_bytes()).hexdigest()

@@ -2,11 +2,11 @@
 
 from .attention import BACKENDS, AttnBlock, LinAttnBlock, make_attn
 from .autoencoder import AEConfig, AutoencoderKL, Decoder, DiagonalGaussian, Encoder
-from .blocks import Downsample, Normalize, ResnetBlock, Upsample, swish, timestep_embedding
+from .blocks import Downsample, FixedGroupNorm, Normalize, ResnetBlock, Upsample, swish, timestep_embedding
 from .unet import Model
 
 __all__ = [
     "AEConfig", "AttnBlock", "AutoencoderKL", "BACKENDS", "Decoder", "DiagonalGaussian",
-    "Downsample", "Encoder", "LinAttnBlock", "Model", "Normalize", "ResnetBlock", "Upsample",
+    "Downsample", "Encoder", "FixedGroupNorm", "LinAttnBlock", "Model", "Normalize", "ResnetBlock", "Upsample",
     "make_attn", "swish", "timestep_embedding",
 ]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attention import AttnBlock, make_attn
-from .blocks import Downsample, Normalize, ResnetBlock, Upsample, norm_swish
+from .blocks import Downsample, Normalize, ResnetBlock, Upsample, fix_norms, norm_swish
 
 
 def down_levels(*, ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int, dropout: float,
@@ -183,6 +183,7 @@ class AEConfig:
     shift_factor: float = 0.0
     attn_backend: str = "sdpa"          # how softmax attention computes; independent of the weights
     attn_window: int = 0                # attention blocks run on tiles of this many latent pixels a side (0: whole)
+    decoder_norm: str = "group"         # the decoder's norms: group (per-image statistics) | fixed (FixedGroupNorm)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -206,6 +207,10 @@ class AutoencoderKL(nn.Module):
                      dropout=c.dropout, attn_type=c.mid_attn, attn_backend=c.attn_backend)
         self.encoder = Encoder(in_channels=c.in_channels, double_z=True, **shape)
         self.decoder = Decoder(out_ch=c.out_ch, **shape)
+        if c.decoder_norm == "fixed":
+            fix_norms(self.decoder)
+        elif c.decoder_norm != "group":
+            raise ValueError(f"decoder_norm must be group or fixed, not {c.decoder_norm!r}")
         self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1) if c.use_post_quant_conv else None
         for m in self.modules():

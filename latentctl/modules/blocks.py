@@ -18,6 +18,42 @@ def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
 
 
+class FixedGroupNorm(nn.GroupNorm):
+    """A GroupNorm with fixed statistics (buffers `fixed_mean`, `fixed_var`, calibrated once in training) instead
+    of each image's: a per-channel affine map, which keeps the input's magnitude and looks at no other pixel.
+    Why: with per-image statistics a decoder can game its norms with a spike at a fixed spot (StyleGAN2's
+    "droplet": the default model's top-right blob). Affine weights stay those of the GroupNorm it replaces."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.register_buffer("fixed_mean", torch.zeros(num_channels))
+        self.register_buffer("fixed_var", torch.ones(num_channels))
+
+    def scale_shift(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of x * a + b per channel, shaped (1, C, 1, 1), computed in float32 and given in `dtype`."""
+        a = self.weight.float() * torch.rsqrt(self.fixed_var.float() + self.eps)
+        b = self.bias.float() - self.fixed_mean.float() * a
+        return a.to(dtype).view(1, -1, 1, 1), b.to(dtype).view(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.scale_shift(x.dtype)
+        return torch.addcmul(b, x, a)
+
+
+def fix_norms(module: nn.Module) -> list[FixedGroupNorm]:
+    """Every GroupNorm inside `module` replaced, in place, by a FixedGroupNorm with its affine weights and
+    statistics 0 / 1 (to be calibrated or loaded); returns them in module order."""
+    fixed = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                norm = FixedGroupNorm(child.num_groups, child.num_channels, child.eps)
+                norm.load_state_dict(child.state_dict(), strict=False)
+                setattr(parent, name, norm.to(child.weight.device))
+                fixed.append(norm)
+    return fixed
+
+
 def norm_swish(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """swish(norm(x)); in inference the swish runs in place on the fresh norm output (one buffer less)."""
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())

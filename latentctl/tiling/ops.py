@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import UsageError
 from ..modules.attention import AttnBlock, LinAttnBlock, NoAttn
 from ..modules.autoencoder import AutoencoderKL
-from ..modules.blocks import Downsample, ResnetBlock, Upsample
+from ..modules.blocks import Downsample, FixedGroupNorm, ResnetBlock, Upsample
 
 
 class TilingUnsupported(UsageError):
@@ -20,12 +20,13 @@ class TilingUnsupported(UsageError):
 
 @dataclass
 class Op:
-    """One layer. kind: conv | down | pool | up | norm | push | add | tanh | attn (attn is the only global one)."""
+    """One layer. kind: conv | down | pool | up | norm | affine | push | add | tanh | attn. norm (a GroupNorm:
+    whole-image statistics) and attn are the global ones; affine (a FixedGroupNorm) is pointwise."""
 
     kind: str
     module: nn.Module | None = None
     pad: int = 0            # conv / add-shortcut: zero padding each side (kernel = 2*pad + 1)
-    act: bool = False       # norm: SiLU after it
+    act: bool = False       # norm, affine: SiLU after it
     name: str = ""
 
 
@@ -38,6 +39,8 @@ def _conv(m: nn.Module, name: str) -> Op:
 
 
 def _norm(m: nn.Module, name: str, act: bool = True) -> Op:
+    if type(m) is FixedGroupNorm:  # fixed statistics: a per-channel affine map, nothing to gather
+        return Op("affine", m, act=act, name=name)
     if type(m) is not nn.GroupNorm or not m.affine:
         raise TilingUnsupported(f"tiling: {name} is not an affine GroupNorm ({type(m).__name__})")
     return Op("norm", m, act=act, name=name)

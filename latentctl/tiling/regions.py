@@ -94,6 +94,9 @@ def _apply_op(op: Op, cur: torch.Tensor, have, out_r, h: int, w: int, stats) -> 
         return _crop(x, (2 * src[0], 2 * src[1], 2 * src[2], 2 * src[3]), out_r)
     if op.kind == "norm":
         return stats.apply(_crop(cur, have, out_r), op.act)
+    if op.kind == "affine":
+        y = op.module(_crop(cur, have, out_r))
+        return F.silu(y, inplace=True) if op.act else y
     if op.kind == "tanh":
         return torch.tanh(_crop(cur, have, out_r))
     raise AssertionError(f"not a local op: {op.kind}")
