@@ -332,9 +332,8 @@ def windowed(attn: torch.nn.Module, window: int):
 def load_model(path: Path, which: str, attn_window: int = 0) -> tuple[AutoencoderKL, dict]:
     """An inference model with the `which` weights ("ema" or "model") of a checkpoint written here, and the checkpoint."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = AutoencoderKL(AEConfig(**ARCH, attn_window=attn_window)).eval().requires_grad_(False)
-    if any(k.endswith("fixed_mean") for k in state[which]):   # a --fixed-norm-decoder run
-        fix_norms(model.decoder)
+    norm = "fixed" if any(k.endswith("fixed_mean") for k in state[which]) else "group"   # --fixed-norm-decoder
+    model = AutoencoderKL(AEConfig(**ARCH, attn_window=attn_window, decoder_norm=norm)).eval().requires_grad_(False)
     model.load_state_dict(state[which])
     return model, state
 
@@ -439,7 +438,7 @@ def export(args):
     shift, scale = z.mean().item(), 1.0 / z.std().item()
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # fp16 weights; a fixed norm's statistics stay float32 (variances span 0.05..60: fp16 would round them coarsely)
+    # fp16 weights; a fixed norm's statistics (measured, not trained; a few kB) are kept as measured, in float32
     sd = {k: (v.float() if ".fixed_" in k else v.half()).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(dest), metadata={"step": str(state["step"]), "scaling_factor": f"{scale:.5f}",
                                        "shift_factor": f"{shift:.5f}"})

@@ -80,7 +80,7 @@ def test_weights_with_fixed_statistics_load_as_such(tmp_path):
     """The loader infers decoder_norm = fixed from the saved statistics and rebuilds the same function."""
     vae, x, ref = calibrated()
     path = save_weights(vae, tmp_path / "fixed.safetensors", scaling_factor=1.0)
-    sd = {k: v for k, v in vae.state_dict().items()}
+    sd = vae.state_dict()
     assert infer_config(sd).decoder_norm == "fixed"
     assert infer_config({k: v for k, v in sd.items() if "fixed_" not in k}).decoder_norm == "group"
     loaded, _ = latentctl.load(weights=path, device="cpu", dtype="fp32")
